@@ -1,0 +1,1 @@
+"""ane-build: YAML recipes -> cached doit stages -> ANE-friendly ExecuTorch programs."""

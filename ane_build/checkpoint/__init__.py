@@ -1,0 +1,1 @@
+"""Checkpoint readers (GGUF, Hugging Face, Meta) and the canonical form they convert to."""

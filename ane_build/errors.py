@@ -1,0 +1,11 @@
+"""The one exception type for mistakes a user can fix (recipes, paths, checkpoints, flags)."""
+
+
+class UserError(Exception):
+    """Reported as a single line (no traceback) and a non-zero exit.
+
+    The message names where the problem is (file and key) and what was expected.
+    """
+
+    def __init__(self, where, message):
+        super().__init__(f"{where}: {message}" if where else message)

@@ -1,0 +1,1 @@
+"""Llama models: the plain fp32 reference, and (later) the ANE-friendly export model."""

@@ -1,0 +1,84 @@
+"""A plain fp32 Llama over a canonical checkpoint: the yardstick every rewrite is measured against.
+
+Deliberately simple (whole sequence, no KV cache, no rewrites) so that it is easy to
+trust; tests check it against Hugging Face ``transformers``.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from ane_build.checkpoint import canonical
+
+
+def rope_frequencies(params):
+    """Inverse frequencies per rotary pair, with Llama 3.x scaling when params ask for it."""
+    hd = canonical.head_dim(params)
+    inv = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if params.get("use_scaled_rope"):
+        inv = _llama3_scaled(inv, params.get("rope_scale_factor", 8), params.get("high_freq_factor", 4))
+    return inv
+
+
+def _llama3_scaled(inv, factor, high_freq_factor, low_freq_factor=1.0, original_context=8192):
+    wavelen = 2 * math.pi / inv
+    low_wavelen = original_context / low_freq_factor
+    high_wavelen = original_context / high_freq_factor
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    return torch.where(wavelen < high_wavelen, inv, torch.where(wavelen > low_wavelen, inv / factor, mid))
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... (Meta layout). x: [B, T, H, D]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+def rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class ReferenceLlama(nn.Module):
+    def __init__(self, params, weights):
+        super().__init__()
+        self.params = params
+        self.w = {k: v.float() for k, v in weights.items()}
+        self.inv_freq = rope_frequencies(params)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir):
+        return cls(canonical.read_params(ckpt_dir), canonical.read_weights(ckpt_dir))
+
+    @torch.no_grad()
+    def forward(self, tokens):
+        """tokens: [B, T] int -> logits [B, T, vocab] fp32 (positions 0..T-1)."""
+        p, w = self.params, self.w
+        n_heads, n_kv, hd = p["n_heads"], p.get("n_kv_heads") or p["n_heads"], canonical.head_dim(p)
+        angles = torch.outer(torch.arange(tokens.shape[1], dtype=torch.float64), self.inv_freq)
+        cos, sin = angles.cos().float(), angles.sin().float()
+        causal = torch.full((tokens.shape[1],) * 2, float("-inf")).triu(1)
+        h = w["tok_embeddings.weight"][tokens]
+        for i in range(p["n_layers"]):
+            lw = lambda name: w[f"layers.{i}.{name}.weight"]  # noqa: E731
+            x = rms_norm(h, lw("attention_norm"), p["norm_eps"])
+            q = apply_rope((x @ lw("attention.wq").T).unflatten(-1, (n_heads, hd)), cos, sin)
+            k = apply_rope((x @ lw("attention.wk").T).unflatten(-1, (n_kv, hd)), cos, sin)
+            v = (x @ lw("attention.wv").T).unflatten(-1, (n_kv, hd))
+            k, v = (t.repeat_interleave(n_heads // n_kv, dim=2) for t in (k, v))
+            scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd) + causal
+            attn = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).flatten(-2)
+            h = h + attn @ lw("attention.wo").T
+            x = rms_norm(h, lw("ffn_norm"), p["norm_eps"])
+            gate = torch.nn.functional.silu(x @ lw("feed_forward.w1").T) * (x @ lw("feed_forward.w3").T)
+            h = h + gate @ lw("feed_forward.w2").T
+        return rms_norm(h, w["norm.weight"], p["norm_eps"]) @ w["output.weight"].T
+
+    def greedy(self, prompt_ids, n_tokens):
+        ids = list(prompt_ids)
+        for _ in range(n_tokens):
+            ids.append(int(self(torch.tensor([ids]))[0, -1].argmax()))
+        return ids[len(prompt_ids):]
