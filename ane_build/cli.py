@@ -1,0 +1,53 @@
+"""The ``ane-build`` command: what is not a doit task (schema, status; later export, run, verify)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ane_build import pipeline, recipe, schema
+from ane_build.errors import UserError
+from ane_build.store import Store
+
+
+def cmd_schema(args):
+    print(json.dumps(schema.json_schema(), indent=2))
+
+
+def cmd_status(args):
+    """Each stage's key and whether the store already holds it, without building anything."""
+    store = Store(args.artifacts)
+    paths = [Path(p) for p in args.recipes] or recipe.discover(args.recipes_dir)
+    for path in paths:
+        rec = recipe.load(path, args.recipes_dir)
+        planned = pipeline.plan(rec, store.hasher)
+        for name, (key, _) in planned.items():
+            state = "cached" if store.is_valid(name, key) else "to build"
+            print(f"{name}:{rec['name']}  {key[:16]}  {state}")
+    store.hasher.save()
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="ane-build", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("schema", help="print the recipe JSON Schema").set_defaults(func=cmd_schema)
+    status = sub.add_parser("status", help="show stage keys and what is cached")
+    status.add_argument("recipes", nargs="*", help="recipe files (default: all)")
+    status.add_argument("--recipes-dir", default="recipes")
+    status.add_argument("--artifacts", default="artifacts")
+    status.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The Llama we export for the Apple Neural Engine: static shapes, caller-owned KV caches.
+
+Parameter names are the canonical checkpoint's (``tok_embeddings.weight``,
+``layers.N.attention.wq.weight`` ... ``output.weight``), so the model loads with
+``load_state_dict(weights, strict=True, assign=True)`` and quantization/export code can
+pick layers by name. The rotary tables are non-persistent buffers, not state.
+
+Calling convention (the seed's; one call processes ``seq_length`` tokens):
+
+- ``tokens`` [1, seq_length] int64: ``input_length`` real tokens, then the caller's padding;
+- ``input_pos`` [1] int64: absolute position of ``tokens[0, 0]``;
+- ``input_length`` [1] int64: the logits of position ``input_length - 1`` are returned;
+- ``k_caches`` / ``v_caches``: either a list of [1, n_kv_heads, cache_size, head_dim]
+  (one per layer; the recipe's ``use_cache_list``) or one
+  [n_layers, 1, n_kv_heads, cache_size, head_dim] tensor. Keys are stored rotated, so the
+  slot order inside a cache does not matter;
+- ``attn_mask`` [seq_length, cache_size + seq_length]: additive, columns are the cache
+  slots followed by the new tokens (see ``initial_mask``).
+
+It returns ``(logits [1, vocab], new_k, new_v)``: new_k/new_v hold only the seq_length new
+rows per layer, in the caches' layout; the caller writes the first input_length of them
+into its cache (``SlidingCache`` is a minimal pure-torch caller for tests).
+
+seq_length is read from the input shape, never stored, so the same weights trace a
+64-token prefill and a 1-token decode.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ane_build.checkpoint import canonical
+from ane_build.model.reference import apply_rope, rms_norm, rope_frequencies
+
+# Not -inf: a softmax over -inf scores computes -inf - (-inf) = NaN wherever a row is fully
+# masked, and Core ML runs the ANE in fp16, where any finite value below about -1e4 already
+# gives exp() == 0. Half of fp16's minimum leaves headroom so score + mask cannot overflow.
+MASK_MIN = torch.finfo(torch.float16).min / 2
+
+
+class RMSNorm(nn.Module):
+    """The plain Llama RMSNorm (``rewrites`` swaps in an fp16-safe one)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        dim, hd = params["dim"], canonical.head_dim(params)
+        self.n_heads = params["n_heads"]
+        self.n_kv_heads = params.get("n_kv_heads") or self.n_heads
+        self.head_dim = hd
+        self.wq = nn.Linear(dim, self.n_heads * hd, bias=False)
+        self.wk = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * hd, dim, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, mask):
+        """x [1, S, dim] -> (out [1, S, dim], new k and v [1, n_kv_heads, S, head_dim])."""
+        q = apply_rope(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
+        k = apply_rope(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin)
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        keys = self._share_kv_heads(torch.cat([k_cache, k], dim=2))
+        values = self._share_kv_heads(torch.cat([v_cache, v], dim=2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).flatten(2)), k, v
+
+    def _share_kv_heads(self, t):
+        """Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
+
+        expand + reshape rather than repeat_interleave: plain static view ops on every backend.
+        """
+        rep = self.n_heads // self.n_kv_heads
+        if rep == 1:
+            return t
+        return t.unsqueeze(2).expand(-1, -1, rep, -1, -1).flatten(1, 2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        dim, hidden = params["dim"], params["hidden_dim"]
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.attention_norm = RMSNorm(params["dim"], params["norm_eps"])
+        self.attention = Attention(params)
+        self.ffn_norm = RMSNorm(params["dim"], params["norm_eps"])
+        self.feed_forward = FeedForward(params)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, mask):
+        attn, k, v = self.attention(self.attention_norm(h), cos, sin, k_cache, v_cache, mask)
+        h = h + attn
+        return h + self.feed_forward(self.ffn_norm(h)), k, v
+
+
+def rope_tables(params, length):
+    """cos and sin [length, head_dim / 2] for positions 0..length-1 (fp64 angles, fp32 values)."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), rope_frequencies(params))
+    return angles.cos().float(), angles.sin().float()
+
+
+class AneLlama(nn.Module):
+    """See the module docstring for the forward contract.
+
+    Parameters are created on the meta device: load them with
+    ``load_state_dict(weights, strict=True, assign=True)`` (``from_weights`` does), which
+    spares initialising a hundred million numbers only to overwrite them.
+
+    The rotary tables cover positions 0..max_seq_length-1. A caller must not place a real
+    token at or past max_seq_length; positions past the table (padding at the end of the
+    context) are clamped to its last row, so they read finite values instead of an
+    out-of-bounds gather, and their outputs are discarded anyway.
+    """
+
+    def __init__(self, params, max_seq_length):
+        super().__init__()
+        self.params = dict(params)
+        self.max_seq_length = max_seq_length
+        cos, sin = rope_tables(params, max_seq_length)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(params["vocab_size"], params["dim"])
+            self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params["n_layers"]))
+            self.norm = RMSNorm(params["dim"], params["norm_eps"])
+            self.output = nn.Linear(params["dim"], params["vocab_size"], bias=False)
+
+    @classmethod
+    def from_weights(cls, params, weights, max_seq_length):
+        """An fp32 model over canonical ``weights`` (Meta names); fp32 tensors are used as they are."""
+        model = cls(params, max_seq_length)
+        model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
+        return model.eval()
+
+    def forward(self, tokens, input_pos, input_length, k_caches, v_caches, attn_mask):
+        cos, sin = self._rope_rows(input_pos, tokens.shape[1])
+        h = self.tok_embeddings(tokens)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer(h, cos, sin, k_caches[i], v_caches[i], attn_mask)
+            new_k.append(k)
+            new_v.append(v)
+        # Only the last real token's logits are needed: norm and LM head on one row, not seq_length.
+        last = h.index_select(1, input_length - 1).squeeze(1)
+        logits = self.output(self.norm(last))
+        if isinstance(k_caches, torch.Tensor):
+            return logits, torch.stack(new_k), torch.stack(new_v)
+        return logits, new_k, new_v
+
+    def _rope_rows(self, input_pos, seq_length):
+        # A tensor index, not input_pos.item() + narrow: .item() makes an unbacked symbolic
+        # size that lowers to Core ML but not to the XNNPACK/portable CPU twin.
+        positions = input_pos + torch.arange(seq_length, dtype=input_pos.dtype)
+        positions = positions.clamp(max=self.max_seq_length - 1)
+        return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+
+
+def initial_mask(seq_length, cache_size, dtype=torch.float32):
+    """The additive mask of a first call: no cache slot filled yet, causal among the new tokens."""
+    cache = torch.full((seq_length, cache_size), MASK_MIN)
+    new = torch.full((seq_length, seq_length), MASK_MIN).triu(1)
+    return torch.cat([cache, new], dim=1).to(dtype)
+
+
+def empty_caches(params, cache_size, use_cache_list, dtype=torch.float32):
+    """Zeroed (k_caches, v_caches) in the layout ``use_cache_list`` selects."""
+    shape = (1, params.get("n_kv_heads") or params["n_heads"], cache_size, canonical.head_dim(params))
+    if use_cache_list:
+        return tuple([torch.zeros(shape, dtype=dtype) for _ in range(params["n_layers"])] for _ in "kv")
+    return tuple(torch.zeros((params["n_layers"], *shape), dtype=dtype) for _ in "kv")
+
+
+class SlidingCache:
+    """A minimal caller: keeps the caches and mask between forward calls.
+
+    The cache is a ring buffer: once full, each new token overwrites the oldest slot, so
+    a call attends to the last cache_size tokens before it plus its own (causally). A slot's
+    mask column opens when it is first written and stays open.
+    """
+
+    def __init__(self, params, seq_length, max_seq_length, cache_size=None,
+                 use_cache_list=True, dtype=torch.float32):
+        self.seq_length, self.max_seq_length = seq_length, max_seq_length
+        self.cache_size = max_seq_length - seq_length if cache_size is None else cache_size
+        self.use_cache_list = use_cache_list
+        self.k_caches, self.v_caches = empty_caches(params, self.cache_size, use_cache_list, dtype)
+        self.mask = initial_mask(seq_length, self.cache_size, dtype)
+        self.pos = 0  # tokens written so far: the absolute position of the next one
+
+    def inputs(self, tokens):
+        """Forward inputs for up to seq_length token ids (padded with 0)."""
+        n = len(tokens)
+        if not 0 < n <= self.seq_length or self.pos + n > self.max_seq_length:
+            raise ValueError(f"{n} tokens at position {self.pos} do not fit "
+                             f"seq_length={self.seq_length}, max_seq_length={self.max_seq_length}")
+        padded = torch.tensor([list(tokens) + [0] * (self.seq_length - n)], dtype=torch.long)
+        return (padded, torch.tensor([self.pos]), torch.tensor([n]),
+                self.k_caches, self.v_caches, self.mask)
+
+    def update(self, new_k, new_v, input_length):
+        """Write the first input_length new rows into the ring (only the last cache_size survive)."""
+        keep = min(input_length, self.cache_size)
+        rows = torch.arange(input_length - keep, input_length)
+        slots = (self.pos + rows) % self.cache_size
+        if self.use_cache_list:
+            pairs = [*zip(self.k_caches, new_k), *zip(self.v_caches, new_v)]
+        else:
+            pairs = [(self.k_caches, new_k), (self.v_caches, new_v)]
+        for cache, new in pairs:
+            cache.index_copy_(-2, slots, new.index_select(-2, rows))
+        self.mask[:, slots] = 0
+        self.pos += input_length
+
+    def step(self, model, tokens):
+        """Run one call on ``tokens`` and record them; returns the logits [1, vocab]."""
+        logits, new_k, new_v = model(*self.inputs(tokens))
+        self.update(new_k, new_v, len(tokens))
+        return logits

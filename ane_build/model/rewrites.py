@@ -1,0 +1,145 @@
+"""Rewrites that make ``AneLlama`` run well on the Neural Engine: the recipe's ``ane:`` section.
+
+Keys read by ``apply`` (others are left to the recipe schema):
+
+- ``dtype``: ``fp16`` (default) or ``fp32``. bf16 is refused: Core ML computes on the
+  ANE in fp16 and the ANE has no bf16.
+- ``target_split_size`` (default: no splitting) and ``max_splits`` (default 8): cut every
+  Linear, the LM head included, into chunks along out_features (``split_count``). The ANE
+  handles several narrow matmuls better than one wide one (a 49152-wide LM head especially).
+- ``safe_norm`` (default true): replace every RMSNorm by ``SafeRMSNorm``, which does not
+  overflow in fp16.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from ane_build.errors import UserError
+from ane_build.model.ane_llama import RMSNorm
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MAX_SPLITS = 8
+
+
+class SafeRMSNorm(nn.Module):
+    """RMSNorm that stays finite in fp16; the same function as ``RMSNorm``, not an approximation.
+
+    Real Llama activations reach the thousands, and x * x overflows fp16 (max 65504) as
+    soon as |x| > 256. Dividing by m = max|x| first keeps every square <= 1 and their mean
+    >= 1/dim, and for any m > 0
+
+        x / sqrt(mean(x^2) + eps) = (x/m) / sqrt(mean((x/m)^2) + (sqrt(eps)/m)^2).
+
+    The last term is squared after dividing because eps / m^2 would overflow in m^2 first.
+    m is floored at sqrt(eps) so that an all-zero row (a padded position) gives 0, not 0/0.
+    Plain ops only (abs, amax, div, mean, rsqrt): all convert to Core ML and run in fp16.
+    """
+
+    def __init__(self, weight, eps):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+
+    @classmethod
+    def replacing(cls, norm):
+        return cls(norm.weight, norm.eps)
+
+    def forward(self, x):
+        root_eps = math.sqrt(self.eps)
+        m = x.abs().amax(-1, keepdim=True).clamp_min(root_eps)
+        scaled, r = x / m, root_eps / m
+        return scaled * torch.rsqrt(scaled.pow(2).mean(-1, keepdim=True) + r * r) * self.weight
+
+
+class SplitLinear(nn.Module):
+    """A bias-free Linear computed as equal chunks of out_features, concatenated.
+
+    ``chunks`` are ordinary ``nn.Linear`` (named ``<layer>.chunks.<i>.weight``) so weight
+    quantizers find them like any other Linear. Chunk weights are copies, not views of one
+    tensor: safetensors refuses to save tensors that share storage.
+    """
+
+    def __init__(self, linear, n_chunks):
+        super().__init__()
+        size = linear.out_features // n_chunks
+        self.chunks = nn.ModuleList()
+        for rows in linear.weight.detach().split(size):
+            chunk = nn.Linear(linear.in_features, size, bias=False, device="meta")
+            chunk.weight = nn.Parameter(rows.clone(), requires_grad=linear.weight.requires_grad)
+            self.chunks.append(chunk)
+
+    def forward(self, x):
+        return torch.cat([chunk(x) for chunk in self.chunks], dim=-1)
+
+
+def split_count(out_features, target_split_size, max_splits):
+    """Number of chunks a layer is cut into: exactly the seed's rule (its SplitLinearModule).
+
+    n = max(out_features // target_split_size, 1), capped at max_splits; chunks are
+    out_features / n wide. So a layer narrower than twice target_split_size stays whole,
+    out_features need not be a multiple of target_split_size (1536 at target 1024 stays
+    one chunk, at 512 it is three), and a wide layer gets max_splits chunks (the 49152-wide
+    LM head at 1024 / 8: eight of 6144). When n does not divide out_features the seed
+    fails, with no fallback to another n; ``apply`` raises a UserError there.
+    """
+    return min(max(out_features // target_split_size, 1), max_splits)
+
+
+def apply(model, ane_params, where="recipe"):
+    """Rewrite ``model`` (an AneLlama) in place as ``ane_params`` asks and return it in its dtype.
+
+    ``where`` prefixes UserError messages (the recipe file). Every split is checked before
+    any is made, so a bad split size leaves the model as it was.
+    """
+    dtype = _dtype(ane_params.get("dtype", "fp16"), where)
+    target = ane_params.get("target_split_size")
+    if target is not None:
+        target = _positive_int(target, "target_split_size", where)
+        max_splits = _positive_int(ane_params.get("max_splits", DEFAULT_MAX_SPLITS), "max_splits", where)
+        for name, n in _split_plan(model, target, max_splits, where).items():
+            _replace(model, name, SplitLinear(model.get_submodule(name), n))
+    if ane_params.get("safe_norm", True):
+        for name, norm in list(model.named_modules()):
+            if isinstance(norm, RMSNorm):
+                _replace(model, name, SafeRMSNorm.replacing(norm))
+    return model.to(dtype)
+
+
+def _split_plan(model, target, max_splits, where):
+    """{layer name: chunk count} for every Linear that gets more than one chunk."""
+    plan = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        n = split_count(module.out_features, target, max_splits)
+        if module.out_features % n:
+            raise UserError(where, f"ane.target_split_size={target} (max_splits={max_splits}) cuts "
+                                   f"layer {name} (out_features={module.out_features}) into {n} chunks, "
+                                   f"which does not divide {module.out_features}; choose sizes where "
+                                   "min(out_features // target_split_size, max_splits) divides "
+                                   "every layer's out_features")
+        if n > 1:
+            plan[name] = n
+    return plan
+
+
+def _replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def _dtype(name, where):
+    if name in ("bf16", "bfloat16"):
+        raise UserError(where, f"ane.dtype={name} is not supported: Core ML computes on the Neural "
+                               "Engine in fp16 and the ANE has no bf16; use fp16 (or fp32 to debug on CPU)")
+    if name not in DTYPES:
+        raise UserError(where, f"ane.dtype={name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _positive_int(value, key, where):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(where, f"ane.{key}={value!r}: expected a positive integer")
+    return value

@@ -1,0 +1,85 @@
+"""The stage table of DESIGN.md, and how a recipe's stage keys chain through it.
+
+Keys are computed from the recipe alone (plus the content hash of a local
+source), so a build knows what is cached before anything runs.
+"""
+
+import importlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ane_build import keys
+from ane_build.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int  # bump when the stage's output format changes without a source change
+    sections: tuple  # the recipe sections this stage reads
+    upstream: tuple  # the stages whose outputs it reads
+    sources: tuple  # its own code, relative to ane_build/ (a folder ends in "/")
+
+    @property
+    def module(self):
+        return importlib.import_module(f"ane_build.stages.{self.name}")
+
+
+STAGES = (
+    Stage("fetch", 1, ("source",), (), ("stages/fetch.py", "download.py")),
+    Stage("convert", 1, ("convert",), ("fetch",), ("stages/convert.py", "checkpoint/")),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def key_params(stage, recipe, file_sha256):
+    """The recipe slice ``stage`` is keyed on.
+
+    fetch is keyed on what the source holds, not where it lives: the same
+    checkpoint reached by path, package or URL is one entry.
+    """
+    if stage.name == "fetch":
+        from ane_build.stages import fetch
+
+        source = recipe["source"]
+        return {"content": fetch.digest(source, file_sha256), "name": fetch.source_name(source)}
+    return {section: recipe[section] for section in stage.sections}
+
+
+def plan(recipe, file_sha256):
+    """{stage name: (key, key inputs)} for every stage, upstream first."""
+    planned = {}
+    for stage in STAGES:
+        upstream = {up: planned[up][0] for up in stage.upstream}
+        with naming_recipe(recipe):
+            params = key_params(stage, recipe, file_sha256)
+        inputs = keys.key_inputs(stage, params, upstream)
+        planned[stage.name] = (keys.stage_key(inputs), inputs)
+    return planned
+
+
+@contextmanager
+def naming_recipe(recipe):
+    """Prefix a stage's UserError with the recipe file, so the one line says where to fix it."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(recipe["path"], str(e)) from None
+
+
+def run_params(stage, recipe):
+    """What the stage's ``run`` receives: the recipe sections it reads (one section: that mapping)."""
+    slices = {section: recipe[section] for section in stage.sections}
+    return next(iter(slices.values())) if len(slices) == 1 else slices
+
+
+def build(store, recipe, stage_name, planned):
+    """Build (or reuse) one stage of ``recipe``; return (entry dir, whether it was built)."""
+    stage = BY_NAME[stage_name]
+    key, key_inputs = planned[stage_name]
+    inputs = {up: store.entry(up, planned[up][0]) for up in stage.upstream}
+    params = run_params(stage, recipe)
+    with naming_recipe(recipe):
+        entry, built = store.build(stage.name, key, key_inputs, lambda out: stage.module.run(inputs, params, out))
+    store.link_view(recipe["name"], stage.name, key)
+    return entry, built

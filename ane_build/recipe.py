@@ -1,0 +1,137 @@
+"""Load a YAML recipe: follow ``extends:``, deep-merge, validate, fill defaults, resolve paths.
+
+A recipe's name is its path under the recipes folder without ``.yaml``
+(``recipes/smollm2-135m/iphone15pro.yaml`` -> ``smollm2-135m/iphone15pro``).
+Files under ``recipes/_base/`` are bases to extend, not recipes to build.
+"""
+
+import os
+from pathlib import Path
+
+import yaml
+
+from ane_build import schema
+from ane_build.errors import UserError
+
+BASE_DIR = "_base"
+
+
+def discover(recipes_dir):
+    """Every buildable recipe file under ``recipes_dir``, sorted."""
+    root = Path(recipes_dir)
+    return sorted(p for p in root.rglob("*.yaml") if BASE_DIR not in p.relative_to(root).parts)
+
+
+def recipe_name(path, recipes_dir):
+    return Path(path).resolve().relative_to(Path(recipes_dir).resolve()).with_suffix("").as_posix()
+
+
+def load(path, recipes_dir=None):
+    """The validated recipe at ``path`` as a plain dict, with ``name`` and ``path`` added."""
+    path = Path(path)
+    where = _display(path)
+    if not path.is_file():
+        raise UserError(where, "recipe not found")
+    merged = _merged(path, chain=())
+    merged.pop("extends", None)
+    recipe = schema.validate(merged, where)
+    _resolve_paths(recipe, path.parent)
+    _check_rules(recipe, where)
+    recipe["name"] = recipe_name(path, recipes_dir) if recipes_dir else path.stem
+    recipe["path"] = where
+    return recipe
+
+
+def _display(path):
+    """Paths in messages are relative to the working folder when they can be."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _merged(path, chain):
+    """The recipe at ``path`` deep-merged over its ``extends`` chain."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(_display(p) for p in (*chain, resolved))
+        raise UserError(_display(path), f"extends: cycle {cycle}")
+    data = _read_yaml(path)
+    base_ref = data.get("extends")
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str):
+        raise UserError(_display(path), f"extends: expected a path string; got {base_ref!r}")
+    base_path = path.parent / base_ref
+    if not base_path.is_file():
+        raise UserError(_display(path), f"extends: base recipe {_display(base_path)} not found")
+    # A base's relative source.path is relative to the base's own folder.
+    base = _merged(base_path, (*chain, resolved))
+    _absolutize_source_path(base, base_path.parent)
+    return deep_merge(base, data)
+
+
+def _read_yaml(path):
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        raise UserError(f"{_display(path)}:{mark.line + 1}:{mark.column + 1}",
+                        f"YAML syntax error: {e.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(_display(path), f"unreadable YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(_display(path), f"expected a mapping at the top level; got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base, override):
+    """``override`` over ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _absolutize_source_path(data, folder):
+    source = data.get("source")
+    if isinstance(source, dict) and isinstance(source.get("path"), str):
+        source["path"] = str((folder / source["path"]).resolve())
+
+
+def _resolve_paths(recipe, folder):
+    # Only the keys of the chosen source kind are kept: stages see what the user wrote.
+    recipe["source"] = {k: v for k, v in recipe["source"].items() if v is not None}
+    _absolutize_source_path(recipe, folder)
+
+
+def _check_rules(recipe, where):
+    """Rules that span fields; each failure is one line naming the field."""
+    _check_source(recipe["source"], where)
+    ane = recipe["ane"]
+    cache = ane["cache_size"] if ane["cache_size"] is not None else ane["max_seq_length"] - ane["seq_length"]
+    if cache < 1 or cache + ane["seq_length"] > ane["max_seq_length"]:
+        raise UserError(where, f"ane.cache_size: cache_size + seq_length must be <= max_seq_length "
+                               f"({cache} + {ane['seq_length']} > {ane['max_seq_length']})")
+    quant, export = recipe["quantize"], recipe["export"]
+    if quant["linear"] == "b4w" and export["minimum_deployment_target"] != "iOS18":
+        raise UserError(where, "quantize.linear: b4w needs export.minimum_deployment_target iOS18 "
+                               f"(Core ML blockwise quantization); got {export['minimum_deployment_target']}")
+    prompts = recipe["smoke"]["prompts"]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise UserError(where, f"smoke.prompts: expected a list of non-empty strings; got {prompts!r}")
+
+
+def _check_source(source, where):
+    given = [kind for kind, keys in schema.SOURCE_KINDS.items() if keys[0] in source]
+    if len(given) != 1:
+        raise UserError(where, "source: expected exactly one of path, package (+ file), url (+ sha256); "
+                               f"got {', '.join(given) or 'none'}")
+    for key in schema.SOURCE_KINDS[given[0]]:
+        if key not in source:
+            raise UserError(where, f"source.{key}: required with source.{given[0]}")

@@ -1,0 +1,162 @@
+"""Every recipe field: its type, default, allowed values and help, in one table.
+
+The same table validates recipes (`validate`) and is exported as JSON Schema
+(`json_schema`) for editor completion. Defaults are the seed export's settings.
+"""
+
+import re
+from dataclasses import dataclass
+
+from ane_build.errors import UserError
+
+DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+
+
+@dataclass(frozen=True)
+class Field:
+    type: type | tuple
+    default: object = None
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    pattern: str | None = None
+    help: str = ""
+    nullable: bool = False
+
+
+SCHEMA = {
+    "extends": Field(str, help="a base recipe, relative to this file's folder"),
+    "description": Field(str, "", help="one line for humans"),
+    "device": Field(str, "", help="the target device this recipe builds for"),
+    "source": {
+        "path": Field(str, help="a local checkpoint file or folder (relative to the recipe)"),
+        "package": Field(str, help="an installed Python package holding the checkpoint"),
+        "file": Field(str, help="with package: the file inside it; with url: the saved name"),
+        "url": Field(str, pattern=r"^https://", help="an https URL; requires sha256"),
+        "sha256": Field(str, pattern=r"^[0-9a-f]{64}$", help="the pinned hash of the url's content"),
+    },
+    "convert": {
+        "format": Field(str, "auto", choices=("auto", "gguf", "hf", "meta"),
+                        help="checkpoint format; auto detects it"),
+    },
+    "ane": {
+        "dtype": Field(str, "fp16", choices=("fp16", "fp32"), help="compute precision"),
+        "seq_length": Field(int, 64, minimum=1, help="tokens per forward call"),
+        "max_seq_length": Field(int, 1024, minimum=2, help="context length the caches are sized for"),
+        "cache_size": Field(int, None, minimum=1, nullable=True,
+                            help="KV cache length; default max_seq_length - seq_length"),
+        "use_cache_list": Field(bool, True, help="one 4D cache per layer instead of one 5D tensor"),
+        "target_split_size": Field(int, 1024, minimum=1, nullable=True,
+                                   help="split linear out_features into chunks of this size"),
+        "max_splits": Field(int, 8, minimum=1, help="at most this many chunks per linear"),
+        "decode_method": Field(bool, False, help="add a one-token decode method beside forward"),
+    },
+    "quantize": {
+        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w"),
+                        help="4-bit weights per channel (c4w) or per block (b4w)"),
+        "group_size": Field(int, 32, minimum=1, help="b4w block size along in_features"),
+        "embedding": Field(str, None, pattern=r"^(4|8),\d+$", nullable=True,
+                           help="'bits,group' (bits 4 or 8; group 0 = per channel)"),
+    },
+    "export": {
+        "minimum_deployment_target": Field(str, "iOS18", choices=DEPLOYMENT_TARGETS),
+        "compute_unit": Field(str, "CPU_AND_NE", choices=COMPUTE_UNITS),
+        "require_full_delegation": Field(bool, True, help="fail if any op stays on the CPU"),
+    },
+    "smoke": {
+        "prompts": Field(list, ["Once upon a time,"], help="prompts generated from"),
+        "n_steps": Field(int, 32, minimum=1, help="tokens generated and teacher-forced per prompt"),
+        "min_top1_agreement": Field(float, 0.9, minimum=0, maximum=1,
+                                    help="fail below this top-1 agreement with fp32"),
+        "temperature": Field(float, 0.0, minimum=0, help="0 is greedy"),
+    },
+    "release": {
+        "name": Field(str, None, nullable=True, help="bundle name; default the recipe name"),
+    },
+}
+
+SOURCE_KINDS = {"path": ("path",), "package": ("package", "file"), "url": ("url", "sha256")}
+
+
+def _type_name(t):
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "a list", dict: "a mapping"}[t]
+
+
+def _check_value(field, value):
+    """The problem with ``value`` (given in the recipe) for ``field``, or None."""
+    if value is None:
+        return None if field.nullable else f"expected {_type_name(field.type)}; got null"
+    ok_type = isinstance(value, field.type) and not (field.type in (int, float) and isinstance(value, bool))
+    if field.type is float and isinstance(value, int) and not isinstance(value, bool):
+        ok_type = True
+    if not ok_type:
+        return f"expected {_type_name(field.type)}; got {value!r}"
+    if field.choices and value not in field.choices:
+        return f"expected one of {', '.join(field.choices)}; got {value!r}"
+    if field.minimum is not None and value < field.minimum:
+        return f"expected at least {field.minimum}; got {value!r}"
+    if field.maximum is not None and value > field.maximum:
+        return f"expected at most {field.maximum}; got {value!r}"
+    if field.pattern and not re.search(field.pattern, value):
+        return f"expected a value matching {field.pattern}; got {value!r}"
+    return None
+
+
+def validate(data, where):
+    """Check ``data`` against SCHEMA and fill defaults; return the complete recipe dict."""
+    if not isinstance(data, dict):
+        raise UserError(where, f"expected a mapping at the top level; got {type(data).__name__}")
+    return _validate_section(SCHEMA, data, "", where)
+
+
+def _validate_section(spec, data, prefix, where):
+    unknown = sorted(set(data) - set(spec))
+    if unknown:
+        raise UserError(where, f"{prefix}{unknown[0]}: unknown key; expected one of {', '.join(spec)}")
+    out = {}
+    for key, field in spec.items():
+        value = data.get(key)
+        if isinstance(field, dict):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(where, f"{prefix}{key}: expected a mapping; got {value!r}")
+            out[key] = _validate_section(field, value or {}, f"{prefix}{key}.", where)
+            continue
+        problem = _check_value(field, value) if key in data else None
+        if problem:
+            raise UserError(where, f"{prefix}{key}: {problem}")
+        out[key] = data[key] if key in data else field.default
+    return out
+
+
+def json_schema():
+    """SCHEMA as a JSON Schema document (draft 2020-12)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ane-build recipe",
+        **_json_section(SCHEMA),
+    }
+
+
+def _json_section(spec):
+    props = {}
+    for key, field in spec.items():
+        props[key] = _json_section(field) if isinstance(field, dict) else _json_field(field)
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
+
+def _json_field(field):
+    kind = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array"}[field.type]
+    out = {"type": [kind, "null"] if field.nullable else kind, "description": field.help}
+    if field.default is not None:
+        out["default"] = field.default
+    if field.choices:
+        out["enum"] = list(field.choices)
+    if field.minimum is not None:
+        out["minimum"] = field.minimum
+    if field.maximum is not None:
+        out["maximum"] = field.maximum
+    if field.pattern:
+        out["pattern"] = field.pattern
+    return out
