@@ -1,7 +1,7 @@
 """Resumable https download, published only once its sha256 matches the pinned one."""
 
-import fcntl
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -33,7 +33,7 @@ def download(url, sha256, dest, partial_dir, ssl_context=None):
     final rename is atomic. ``ssl_context`` defaults to the system trust store,
     which honours ``SSL_CERT_FILE``.
     """
-    require_https(url)
+    _require_https(url)
     sha256 = sha256.lower()
     dest = Path(dest)
     part = Path(partial_dir) / f"{sha256}.part"
@@ -59,7 +59,7 @@ def _exclusive(lock_path):
         yield
 
 
-def require_https(url):
+def _require_https(url):
     if urllib.parse.urlsplit(url).scheme.lower() != "https":
         raise UserError(url, "only https:// URLs are allowed")
 

