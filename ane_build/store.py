@@ -119,7 +119,7 @@ class Store:
         os.rename(tmp, entry)  # the commit point: before this, nothing counts as built
         for rel, meta in files.items():
             self.hasher.remember(entry / rel, meta["sha256"])
-        log.info("built %s/%s in %.1fs", stage, key[:12], manifest["seconds"])
+        log.debug("published %s/%s in %.1fs", stage, key[:12], manifest["seconds"])
         return entry
 
     def link_view(self, recipe_name, stage, key):

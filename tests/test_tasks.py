@@ -1,0 +1,158 @@
+"""doit behaviour on a tiny project: caching, sharing, views, corruption, SIGKILL, one-line errors."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_llama import tiny_params, tiny_weights, write_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_A = "extends: ../_base/tiny.yaml\ndevice: phone\n"
+DEVICE_B = "extends: ../_base/tiny.yaml\ndevice: tablet\nexport: {compute_unit: ALL}\n"
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A recipes folder with two devices of one tiny GGUF model, and an empty artifacts folder."""
+    params = tiny_params()
+    write_gguf(params, tiny_weights(params), tmp_path / "ckpt" / "tiny.gguf")
+    (tmp_path / "recipes/_base").mkdir(parents=True)
+    (tmp_path / "recipes/tiny").mkdir()
+    (tmp_path / "recipes/_base/tiny.yaml").write_text("source: {path: ../../ckpt/tiny.gguf}\n")
+    (tmp_path / "recipes/tiny/a.yaml").write_text(DEVICE_A)
+    (tmp_path / "recipes/tiny/b.yaml").write_text(DEVICE_B)
+    return tmp_path
+
+
+def doit(project, *args, check=True):
+    env = {**os.environ, "ANE_BUILD_RECIPES": str(project / "recipes"),
+           "ANE_BUILD_ARTIFACTS": str(project / "artifacts"), "ANE_BUILD_DEFAULT": "tiny/a"}
+    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
+                          env=env, capture_output=True, text=True, cwd=project)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def executed(proc):
+    """Task names doit ran (".  name"), as opposed to found up to date ("-- name")."""
+    return re.findall(r"^\.  (\S+)", proc.stdout, re.M)
+
+
+def built(proc, stage):
+    return len(re.findall(rf"^built {stage}:", proc.stderr + proc.stdout, re.M))
+
+
+def test_second_run_executes_nothing(project):
+    first = doit(project, "convert:tiny/a")
+    assert executed(first) == ["fetch:tiny/a", "convert:tiny/a"]
+    assert executed(doit(project, "convert:tiny/a")) == []
+
+
+def test_default_task_is_the_default_recipes_last_stage(project):
+    assert "convert:tiny/a" in executed(doit(project))
+
+
+def test_two_devices_share_one_convert_entry_built_once(project):
+    proc = doit(project, "convert")
+    assert built(proc, "convert") == 1 and built(proc, "fetch") == 1
+    assert len(list((project / "artifacts/store/convert").glob("[0-9a-f]*"))) == 1
+    a = (project / "artifacts/recipes/tiny/a/convert").resolve()
+    assert a == (project / "artifacts/recipes/tiny/b/convert").resolve()
+
+
+def test_editing_a_later_stage_field_keeps_fetch_and_convert(project):
+    doit(project, "convert:tiny/a")
+    (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "quantize: {linear: b4w}\nexport: {compute_unit: CPU_ONLY}\n")
+    assert executed(doit(project, "convert:tiny/a")) == []
+
+
+def test_editing_the_convert_field_rebuilds_convert_only(project):
+    doit(project, "convert:tiny/a")
+    (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "convert: {format: gguf}\n")
+    proc = doit(project, "convert:tiny/a")
+    assert executed(proc) == ["convert:tiny/a"] and built(proc, "convert") == 1
+
+
+def test_deleting_the_views_rebuilds_nothing_and_restores_them(project):
+    doit(project, "convert:tiny/a")
+    subprocess.run(["rm", "-r", str(project / "artifacts/recipes")], check=True)
+    assert executed(doit(project, "convert:tiny/a")) == []
+    assert (project / "artifacts/recipes/tiny/a/convert/params.json").is_file()
+
+
+def test_corrupted_store_file_rebuilds_that_stage(project):
+    doit(project, "convert:tiny/a")
+    weights = project / "artifacts/recipes/tiny/a/convert/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    proc = doit(project, "convert:tiny/a")
+    assert executed(proc) == ["convert:tiny/a"] and built(proc, "convert") == 1
+
+
+def test_forget_reruns_the_task_without_rebuilding(project):
+    doit(project, "convert:tiny/a")
+    doit(project, "forget", "convert:tiny/a")
+    proc = doit(project, "convert:tiny/a")
+    assert executed(proc) == ["convert:tiny/a"] and built(proc, "convert") == 0
+
+
+def test_clean_removes_the_entry_and_the_next_run_rebuilds_it(project):
+    doit(project, "convert:tiny/a")
+    doit(project, "clean", "convert:tiny/a")
+    assert not (project / "artifacts/recipes/tiny/a/convert").exists()
+    assert built(doit(project, "convert:tiny/a"), "convert") == 1
+
+
+def test_sigkill_mid_convert_leaves_no_entry_and_the_next_run_completes(project):
+    doit(project, "fetch:tiny/a")
+    env = {**os.environ, "ANE_BUILD_RECIPES": str(project / "recipes"),
+           "ANE_BUILD_ARTIFACTS": str(project / "artifacts")}
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "convert:tiny/a"],
+                            env=env, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    convert_dir = project / "artifacts/store/convert"
+    deadline = time.time() + 60
+    while not list(convert_dir.glob(".tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "convert finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(convert_dir.glob("[0-9a-f]*"))  # nothing published
+    assert executed(doit(project, "convert:tiny/a")) == ["convert:tiny/a"]
+    assert not list(convert_dir.glob(".tmp-*"))  # the half-entry was swept
+    assert (project / "artifacts/recipes/tiny/a/convert/model.safetensors").is_file()
+
+
+def test_list_shows_every_stage_and_recipe_and_imports_no_torch(project):
+    names = doit(project, "list").stdout.split()
+    assert {"fetch:tiny/a", "convert:tiny/a", "fetch:tiny/b", "convert:tiny/b"} <= set(names)
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1])['task_ane_build']().__next__();"
+            "assert 'torch' not in sys.modules, 'dodo imported torch'")
+    env = {**os.environ, "ANE_BUILD_RECIPES": str(project / "recipes"), "ANE_BUILD_ARTIFACTS": str(project / "artifacts")}
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "dodo.py")], env=env, check=True)
+
+
+def test_bad_recipe_is_one_line_and_nonzero(project):
+    (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "quantize: {linear: c5w}\n")
+    proc = doit(project, "list", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"error: {project}/recipes/tiny/a.yaml: quantize.linear: expected one of none, c4w, b4w; got 'c5w'" or \
+        proc.stderr.strip().endswith("recipes/tiny/a.yaml: quantize.linear: expected one of none, c4w, b4w; got 'c5w'")
+    assert "Traceback" not in proc.stderr and not (project / "artifacts/store").exists()
+
+
+def test_missing_source_path_fails_its_task_in_one_line(project):
+    (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "source: {path: /nonexistent/model.gguf}\n")
+    proc = doit(project, "convert:tiny/a", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith("source.path: /nonexistent/model.gguf does not exist")
+    assert "Traceback" not in proc.stdout + proc.stderr
