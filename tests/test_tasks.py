@@ -21,6 +21,7 @@ DEVICE_B = "extends: ../_base/tiny.yaml\ndevice: tablet\nexport: {compute_unit: 
 def project(tmp_path):
     """A recipes folder with two devices of one tiny GGUF model, and an empty artifacts folder."""
     params = tiny_params()
+    (tmp_path / "ckpt").mkdir()
     write_gguf(params, tiny_weights(params), tmp_path / "ckpt" / "tiny.gguf")
     (tmp_path / "recipes/_base").mkdir(parents=True)
     (tmp_path / "recipes/tiny").mkdir()
