@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+import jsonschema
+import yaml
+
+from ane_build import cli, recipe
+from tests.test_recipe import SOURCE
+
+
+def test_schema_is_valid_json_schema_that_accepts_the_shipped_recipes(capsys):
+    assert cli.main(["schema"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(doc)
+    assert doc["properties"]["quantize"]["properties"]["linear"]["enum"] == ["none", "c4w", "b4w"]
+    for path in recipe.discover(cli.Path(__file__).parents[1] / "recipes"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), doc)
+
+
+def test_schema_rejects_what_the_loader_rejects(capsys):
+    cli.main(["schema"])
+    doc = json.loads(capsys.readouterr().out)
+    bad = {"quantize": {"linear": "c5w"}}
+    assert not jsonschema.Draft202012Validator(doc).is_valid(bad)
+
+
+def test_status_lists_keys_without_building(write, tmp_path, capsys):
+    write("recipes/m/ckpt.gguf", "GGUF")
+    write("recipes/m/dev.yaml", "source: {path: ckpt.gguf}\n")
+    code = cli.main(["status", "--recipes-dir", str(tmp_path / "recipes"), "--artifacts", str(tmp_path / "a")])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and [line.split()[0] for line in out] == ["fetch:m/dev", "convert:m/dev"]
+    assert all(line.endswith("to build") for line in out)
+    assert not [p for p in (tmp_path / "a" / "store").iterdir() if p.is_dir()]  # only the hash memo
+
+
+def test_user_error_is_one_line_and_exit_1(write, tmp_path):
+    path = write("recipes/m/dev.yaml", SOURCE + "ane: {seq_length: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "status", str(path),
+                           "--recipes-dir", str(tmp_path / "recipes")], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert "ane.seq_length: expected at least 1; got 0" in proc.stderr
