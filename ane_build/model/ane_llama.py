@@ -15,7 +15,7 @@ Calling convention (the seed's; one call processes ``seq_length`` tokens):
   [n_layers, 1, n_kv_heads, cache_size, head_dim] tensor. Keys are stored rotated, so the
   slot order inside a cache does not matter;
 - ``attn_mask`` [seq_length, cache_size + seq_length]: additive, columns are the cache
-  slots followed by the new tokens (see ``initial_mask``).
+  slots followed by the new tokens (see ``attention_mask``).
 
 It returns ``(logits [1, vocab], new_k, new_v)``: new_k/new_v hold only the seq_length new
 rows per layer, in the caches' layout; the caller writes the first input_length of them
@@ -32,9 +32,10 @@ from torch.nn import functional as F
 from ane_build.checkpoint import canonical
 from ane_build.model.reference import apply_rope, rms_norm, rope_frequencies
 
-# Not -inf: a softmax over -inf scores computes -inf - (-inf) = NaN wherever a row is fully
-# masked, and Core ML runs the ANE in fp16, where any finite value below about -1e4 already
-# gives exp() == 0. Half of fp16's minimum leaves headroom so score + mask cannot overflow.
+# Not -inf: softmax subtracts the row max, and -inf - (-inf) is NaN wherever a row is fully
+# masked (or when a backend adds -inf to an fp16 score). A large finite value is as good:
+# exp() of anything below -20 is already 0 in fp16. Half of fp16's minimum, not the minimum
+# itself, so that score + mask cannot overflow to -inf in fp16.
 MASK_MIN = torch.finfo(torch.float16).min / 2
 
 
@@ -131,7 +132,6 @@ class AneLlama(nn.Module):
 
     def __init__(self, params, max_seq_length):
         super().__init__()
-        self.params = dict(params)
         self.max_seq_length = max_seq_length
         cos, sin = rope_tables(params, max_seq_length)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -144,10 +144,10 @@ class AneLlama(nn.Module):
 
     @classmethod
     def from_weights(cls, params, weights, max_seq_length):
-        """An fp32 model over canonical ``weights`` (Meta names); fp32 tensors are used as they are."""
+        """An fp32 model over canonical ``weights`` (Meta names); fp32 tensors are shared, not copied."""
         model = cls(params, max_seq_length)
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     def forward(self, tokens, input_pos, input_length, k_caches, v_caches, attn_mask):
         cos, sin = self._rope_rows(input_pos, tokens.shape[1])
@@ -168,13 +168,16 @@ class AneLlama(nn.Module):
         # A tensor index, not input_pos.item() + narrow: .item() makes an unbacked symbolic
         # size that lowers to Core ML but not to the XNNPACK/portable CPU twin.
         positions = input_pos + torch.arange(seq_length, dtype=input_pos.dtype)
-        positions = positions.clamp(max=self.max_seq_length - 1)
+        # Both bounds: Core ML's converter turns a max-only clamp into a float clip, and an
+        # index must stay integer.
+        positions = positions.clamp(0, self.max_seq_length - 1)
         return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
 
-def initial_mask(seq_length, cache_size, dtype=torch.float32):
-    """The additive mask of a first call: no cache slot filled yet, causal among the new tokens."""
+def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):
+    """The additive mask of a call: the first ``filled`` cache slots open, causal among new tokens."""
     cache = torch.full((seq_length, cache_size), MASK_MIN)
+    cache[:, :filled] = 0
     new = torch.full((seq_length, seq_length), MASK_MIN).triu(1)
     return torch.cat([cache, new], dim=1).to(dtype)
 
@@ -188,31 +191,33 @@ def empty_caches(params, cache_size, use_cache_list, dtype=torch.float32):
 
 
 class SlidingCache:
-    """A minimal caller: keeps the caches and mask between forward calls.
+    """A minimal caller (for tests; the real runner is elsewhere): caches and position between calls.
 
-    The cache is a ring buffer: once full, each new token overwrites the oldest slot, so
-    a call attends to the last cache_size tokens before it plus its own (causally). A slot's
-    mask column opens when it is first written and stays open.
+    The cache is a ring buffer: once full, each new token overwrites the oldest slot, so a
+    call attends to the last cache_size tokens before it plus its own, causally. Slots fill
+    in order, so the open mask columns are always a prefix of the cache. The caches are
+    shared by calls of any seq_length (a 64-token prefill, then 1-token decodes);
+    cache_size defaults to the seed's max_seq_length - seq_length.
     """
 
-    def __init__(self, params, seq_length, max_seq_length, cache_size=None,
+    def __init__(self, params, max_seq_length, seq_length, cache_size=None,
                  use_cache_list=True, dtype=torch.float32):
-        self.seq_length, self.max_seq_length = seq_length, max_seq_length
+        self.max_seq_length, self.seq_length = max_seq_length, seq_length
         self.cache_size = max_seq_length - seq_length if cache_size is None else cache_size
-        self.use_cache_list = use_cache_list
+        self.use_cache_list, self.dtype = use_cache_list, dtype
         self.k_caches, self.v_caches = empty_caches(params, self.cache_size, use_cache_list, dtype)
-        self.mask = initial_mask(seq_length, self.cache_size, dtype)
         self.pos = 0  # tokens written so far: the absolute position of the next one
 
-    def inputs(self, tokens):
-        """Forward inputs for up to seq_length token ids (padded with 0)."""
+    def inputs(self, tokens, seq_length=None):
+        """Forward inputs for the token ids, padded with 0 to seq_length (default: the prefill's)."""
+        seq_length = seq_length or self.seq_length
         n = len(tokens)
-        if not 0 < n <= self.seq_length or self.pos + n > self.max_seq_length:
+        if not 0 < n <= seq_length or self.pos + n > self.max_seq_length:
             raise ValueError(f"{n} tokens at position {self.pos} do not fit "
-                             f"seq_length={self.seq_length}, max_seq_length={self.max_seq_length}")
-        padded = torch.tensor([list(tokens) + [0] * (self.seq_length - n)], dtype=torch.long)
-        return (padded, torch.tensor([self.pos]), torch.tensor([n]),
-                self.k_caches, self.v_caches, self.mask)
+                             f"seq_length={seq_length}, max_seq_length={self.max_seq_length}")
+        padded = torch.tensor([list(tokens) + [0] * (seq_length - n)], dtype=torch.long)
+        mask = attention_mask(seq_length, self.cache_size, min(self.pos, self.cache_size), self.dtype)
+        return padded, torch.tensor([self.pos]), torch.tensor([n]), self.k_caches, self.v_caches, mask
 
     def update(self, new_k, new_v, input_length):
         """Write the first input_length new rows into the ring (only the last cache_size survive)."""
@@ -225,11 +230,10 @@ class SlidingCache:
             pairs = [(self.k_caches, new_k), (self.v_caches, new_v)]
         for cache, new in pairs:
             cache.index_copy_(-2, slots, new.index_select(-2, rows))
-        self.mask[:, slots] = 0
         self.pos += input_length
 
-    def step(self, model, tokens):
-        """Run one call on ``tokens`` and record them; returns the logits [1, vocab]."""
-        logits, new_k, new_v = model(*self.inputs(tokens))
+    def step(self, model, tokens, seq_length=None):
+        """One forward call on the token ids, recorded in the cache; returns the logits [1, vocab]."""
+        logits, new_k, new_v = model(*self.inputs(tokens, seq_length))
         self.update(new_k, new_v, len(tokens))
         return logits

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+from ane_build.errors import UserError
+from ane_build.model import rewrites
+from ane_build.model.ane_llama import AneLlama, RMSNorm
+from ane_build.model.reference import rms_norm
+from tests.tiny_llama import tiny_params, tiny_weights
+
+
+def tiny_model():
+    params = tiny_params()
+    return AneLlama.from_weights(params, tiny_weights(params), max_seq_length=16)
+
+
+@pytest.mark.parametrize("out_features, target, max_splits, n", [
+    (576, 1024, 8, 1),      # narrower than the target: whole
+    (1536, 1024, 8, 1),     # 1536 // 1024 == 1: whole, not 1024 + 512
+    (1536, 512, 8, 3),      # the target need not be a power of two of out_features
+    (2048, 1024, 8, 2),
+    (49152, 1024, 8, 8),    # SmolLM2's LM head: capped at max_splits, 8 x 6144
+    (8192, 1024, 4, 4),
+])
+def test_split_count_follows_the_seed(out_features, target, max_splits, n):
+    assert rewrites.split_count(out_features, target, max_splits) == n
+
+
+def test_split_linear_computes_the_same_as_the_linear():
+    linear = nn.Linear(16, 96, bias=False)
+    split = rewrites.SplitLinear(linear, 3)
+    x = torch.randn(2, 5, 16)
+    assert all(type(chunk) is nn.Linear and chunk.out_features == 32 for chunk in split.chunks)
+    torch.testing.assert_close(split(x), linear(x))
+
+
+def test_split_weights_are_separate_tensors_safetensors_can_save(tmp_path):
+    from safetensors.torch import save_file
+
+    model = rewrites.apply(tiny_model(), {"dtype": "fp32", "target_split_size": 32, "max_splits": 4})
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+
+
+def test_apply_splits_every_linear_including_the_lm_head():
+    model = rewrites.apply(tiny_model(), {"dtype": "fp32", "target_split_size": 32, "max_splits": 4})
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes["output.chunks.3.weight"] == (80, 64)  # 320 // 32 = 10 chunks, capped at 4
+    assert shapes["layers.1.feed_forward.w1.chunks.3.weight"] == (32, 64)
+    assert shapes["layers.0.attention.wk.weight"] == (32, 64)  # one chunk: left a plain Linear
+    assert not any(isinstance(m, RMSNorm) for m in model.modules())
+    assert sum(isinstance(m, rewrites.SafeRMSNorm) for m in model.modules()) == 5
+
+
+def test_a_saved_rewritten_state_loads_into_a_rewritten_empty_model():
+    ane = {"dtype": "fp16", "target_split_size": 32, "max_splits": 4}
+    model = rewrites.apply(tiny_model(), ane)
+    rebuilt = rewrites.apply(AneLlama(tiny_params(), max_seq_length=16), ane)
+    rebuilt.load_state_dict(model.state_dict(), strict=True, assign=True)
+    x = torch.randn(1, 3, 64, dtype=torch.float16)
+    torch.testing.assert_close(rebuilt.output(rebuilt.norm(x)), model.output(model.norm(x)))
+
+
+def test_a_split_size_that_does_not_divide_is_a_user_error_and_changes_nothing():
+    model = tiny_model()
+    before = set(model.state_dict())
+    # w1 (out_features 128) at 24: 128 // 24 = 5 chunks, and 5 does not divide 128.
+    with pytest.raises(UserError, match=r"ane\.target_split_size=24.*layers\.0\.feed_forward\.w1.*128"):
+        rewrites.apply(model, {"target_split_size": 24, "max_splits": 8}, where="recipes/x.yaml")
+    assert set(model.state_dict()) == before
+
+
+@pytest.mark.parametrize("ane, message", [
+    ({"dtype": "bf16"}, "ANE has no bf16"),
+    ({"dtype": "int8"}, "expected one of fp16, fp32"),
+    ({"target_split_size": 0}, r"ane\.target_split_size=0: expected a positive integer"),
+    ({"target_split_size": 32, "max_splits": "8"}, r"ane\.max_splits='8'"),
+])
+def test_bad_ane_settings_are_user_errors(ane, message):
+    with pytest.raises(UserError, match=message):
+        rewrites.apply(tiny_model(), ane)
+
+
+def test_apply_defaults_to_fp16_everywhere():
+    model = rewrites.apply(tiny_model(), {})
+    assert {t.dtype for t in [*model.parameters(), *model.buffers()]} == {torch.float16}
+
+
+def test_safe_rms_norm_does_not_overflow_in_fp16():
+    gen = torch.Generator().manual_seed(0)
+    dim, eps = 576, 1e-5
+    weight = 1.0 + 0.1 * torch.randn(dim, generator=gen)
+    magnitudes = torch.logspace(3, torch.log10(torch.tensor(3e4)).item(), 8)  # 1e3 .. 3e4
+    x = torch.randn(8, dim, generator=gen) * magnitudes[:, None] / 3
+    x[:, 0] = magnitudes  # make each row's max-abs the intended magnitude
+    expected = rms_norm(x, weight, eps)
+
+    safe = rewrites.SafeRMSNorm(nn.Parameter(weight), eps).half()
+    got = safe(x.half())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+    # The plain form squares in fp16 and is wrong here: the test input does overflow it.
+    plain = rms_norm(x.half(), weight.half(), eps).float()
+    assert not torch.allclose(plain, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_safe_rms_norm_matches_plain_in_fp32_and_maps_zeros_to_zeros():
+    weight = nn.Parameter(torch.randn(64))
+    safe = rewrites.SafeRMSNorm(weight, 1e-5)
+    x = torch.randn(3, 64) * torch.tensor([[1e-3], [1.0], [1e3]])
+    torch.testing.assert_close(safe(x), rms_norm(x, weight, 1e-5))
+    zeros = torch.zeros(2, 64, dtype=torch.float16)
+    assert safe.half()(zeros).eq(0).all()
