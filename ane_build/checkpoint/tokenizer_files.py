@@ -13,7 +13,7 @@ from ane_build.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SENTENCEPIECE, TIKTOKEN, HF_JSON = "sentencepiece", "tiktoken", "tokenizer.json"
+SENTENCEPIECE, TIKTOKEN, HF_JSON = "sentencepiece", "tiktoken", "huggingface"
 # Llama 3 ends a text, a turn and a tool message with different tokens; a runner must stop on all.
 LLAMA3_BOS = "<|begin_of_text|>"
 LLAMA3_EOS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
