@@ -55,7 +55,8 @@ def run(inputs, params, out_dir):
     log.info("converting %s checkpoint %s", fmt, src.name)
     ckpt = _reader(fmt).read(src)
     canonical.write(ckpt, out_dir)
-    return {"format": fmt, "n_params": sum(t.numel() for t in ckpt.weights.values())}
+    counted = {k: t for k, t in ckpt.weights.items() if not (ckpt.tied_embeddings and k == "output.weight")}
+    return {"format": fmt, "n_params": sum(t.numel() for t in counted.values())}
 
 
 def source_path(fetch_dir):
