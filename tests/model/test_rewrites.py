@@ -110,3 +110,24 @@ def test_safe_rms_norm_matches_plain_in_fp32_and_maps_zeros_to_zeros():
     torch.testing.assert_close(safe(x), rms_norm(x, weight, 1e-5))
     zeros = torch.zeros(2, 64, dtype=torch.float16)
     assert safe.half()(zeros).eq(0).all()
+
+
+@pytest.mark.slow
+def test_fp16_rewrite_of_the_default_model_keeps_top1_at_64_teacher_forced_positions(smollm2_checkpoint):
+    from tokenizers import Tokenizer
+
+    from ane_build.checkpoint import canonical
+    from ane_build.model.ane_llama import AneLlama, SlidingCache
+    from ane_build.model.reference import ReferenceLlama
+
+    params, weights = canonical.read_params(smollm2_checkpoint), canonical.read_weights(smollm2_checkpoint)
+    # Teacher-forced on the fp32 model's own greedy continuation, as the smoke stage scores it.
+    reference = ReferenceLlama(params, weights)
+    prompt = Tokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json")).encode("Once upon a time,").ids
+    ids = prompt + reference.greedy(prompt, 64 - len(prompt))
+    expected = reference(torch.tensor([ids]))[0].argmax(-1)
+    ane = {"dtype": "fp16", "target_split_size": 1024, "max_splits": 8}
+    model = rewrites.apply(AneLlama.from_weights(params, weights, 1024), ane)
+    cache = SlidingCache(params, 1024, 64, dtype=torch.float16)
+    got = torch.stack([cache.step(model, [i], 1)[0].argmax() for i in ids])
+    assert got.tolist() == expected.tolist()
