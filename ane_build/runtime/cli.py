@@ -1,0 +1,79 @@
+"""Generate text with an exported program: the flags and meanings of the seed's run.py, plus
+``--n_steps`` and ``--seed``. The text streams to stdout (the prompt first), speeds go to stderr."""
+
+import sys
+from pathlib import Path
+
+from ane_build.checkpoint import canonical, tokenizer_files
+from ane_build.errors import UserError
+from ane_build.runtime.generate import Generation
+from ane_build.runtime.program import PteProgram, open_eager
+from ane_build.runtime.sampling import Sampler
+from ane_build.runtime.tokenizer import TextStream, Tokenizer
+
+
+def add_arguments(parser):
+    parser.add_argument("-m", "--model", help="the .pte to run: model.pte where the Core ML backend is (macOS), "
+                                              "else its CPU twin, twin.pte")
+    parser.add_argument("-t", "--tokenizer", help="tokenizer.model or tokenizer.json (default: the one beside "
+                                                  "the model or the checkpoint)")
+    parser.add_argument("--prompt", default="Once upon a time,")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default: 0.6)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default: 0.9)")
+    parser.add_argument("--use_eager", action="store_true",
+                        help="run the checkpoint (-c, -p) in eager PyTorch instead of a .pte")
+    parser.add_argument("-p", "--params", help="params.json of the checkpoint (default: the one beside it)")
+    parser.add_argument("-c", "--checkpoint", help="with --use_eager: a canonical checkpoint folder, its "
+                                                   "model.safetensors, or a Meta .pth")
+    parser.add_argument("--dtype", choices=["fp16", "fp32"], help="with --use_eager: the model's dtype "
+                                                                  "(default fp32); a .pte states its own")
+    parser.add_argument("--seq_length", type=int, help="tokens per forward call (a .pte states its own)")
+    parser.add_argument("--max_seq_length", type=int, help="the context: positions the RoPE tables cover "
+                                                           "(needed for a .pte without runner metadata)")
+    parser.add_argument("--cache_size", type=int, help="the sliding window of past tokens (default: "
+                                                       "max_seq_length - seq_length; a .pte states its own)")
+    parser.add_argument("--n_steps", type=int, help="tokens to generate at most (default: until a stop token "
+                                                    "or the end of the context)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each run)")
+    return parser
+
+
+def main(args):
+    """Generate as ``args`` say. A mistake in them raises UserError for the caller to report."""
+    sampler = Sampler(args.temperature, args.top_p, args.seed)  # checks its flags before any loading
+    program, source = open_program(args)
+    # An export entry and a canonical checkpoint keep their tokenizer beside the weights.
+    tokenizer = Tokenizer(args.tokenizer or tokenizer_files.find(source if source.is_dir() else source.parent,
+                                                                 canonical.TOKENIZER_FILES))
+    info = program.info
+    tokenizer.check_fits(info.vocab_size, source.name)
+    # The checkpoint's word on bos and eos comes first; the tokenizer's own ids fill in.
+    prompt_ids = tokenizer.encode(args.prompt, tokenizer.bos_id if info.bos_id is None else info.bos_id)
+    generation = Generation(program, prompt_ids, sampler, args.n_steps, info.eos_ids or tokenizer.eos_ids)
+    stream = TextStream(tokenizer, prompt_ids)
+    print(args.prompt, end="", flush=True)
+    for token in generation:
+        print(stream.push(token), end="", flush=True)
+    print(stream.flush())
+    print(speeds(generation.stats), file=sys.stderr)
+    return 0
+
+
+def open_program(args):
+    """(the program, the file or folder it came from)."""
+    shape_flags = {"seq_length": args.seq_length, "max_seq_length": args.max_seq_length,
+                   "cache_size": args.cache_size, "dtype": args.dtype}
+    if args.use_eager:
+        if not args.checkpoint:
+            raise UserError("--use_eager", "needs -c/--checkpoint (and -p/--params unless a params.json is beside it)")
+        shape_flags["dtype"] = args.dtype or "fp32"
+        return open_eager(args.checkpoint, args.params, **shape_flags), Path(args.checkpoint)
+    if not args.model:
+        raise UserError("-m/--model", "required: the .pte to run (or --use_eager with -c/--checkpoint)")
+    return PteProgram(args.model, **shape_flags), Path(args.model)
+
+
+def speeds(stats):
+    return (f"prefill: {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f} s "
+            f"({stats.prefill_tokens_per_second:.1f} tokens/s); decode: {stats.decode_calls} tokens in "
+            f"{stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.1f} tokens/s)")

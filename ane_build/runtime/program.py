@@ -1,0 +1,203 @@
+"""What the runner drives: an ExecuTorch ``.pte``, or the eager ``AneLlama`` of a checkpoint.
+
+Both offer the same three things, so one generation loop drives either:
+
+- ``info``: a ``ModelInfo`` (shapes, context, dtype, special ids);
+- ``methods``: {method name: tokens per call}: "forward" and, when the program has it, a
+  one-token "decode";
+- ``run(method, call)`` -> (logits [1, vocab], new k rows, new v rows), for the inputs a
+  ``kv_cache.Call`` holds.
+
+A ``.pte``'s shapes are read from its forward method's inputs, the one truth about what it
+accepts (as the seed's run.py does). Its constant methods (``io.runner_metadata``) add what
+the inputs cannot tell, the context length (its RoPE table), bos and eos ids, and must
+agree with the inputs on the rest.
+"""
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ane_build.checkpoint import canonical, jsonfiles, meta
+from ane_build.errors import UserError
+from ane_build.model import rewrites
+from ane_build.model.ane_llama import AneLlama
+
+log = logging.getLogger(__name__)
+
+METHODS = ("forward", "decode")
+# io.runner_metadata's constant methods; each returns a one-element list but eos_ids.
+CONSTANTS = ("seq_length", "max_seq_length", "cache_size", "n_layers", "n_kv_heads", "head_dim", "dtype",
+             "vocab_size", "use_cache_list", "bos_id", "eos_ids")
+_SCALAR_TYPES = {5: "fp16", 6: "fp32"}  # ExecuTorch ScalarType codes of the dtypes we export
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    seq_length: int  # tokens per forward call
+    max_seq_length: int  # positions the RoPE tables cover: the whole context
+    cache_size: int  # the window of past tokens a call attends to
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str  # "fp16" or "fp32": the caches' and the mask's
+    vocab_size: int
+    use_cache_list: bool  # one [1, heads, cache, dim] cache per layer, else one 5-D tensor
+    bos_id: int | None = None
+    eos_ids: tuple = ()
+
+    @property
+    def torch_dtype(self):
+        return rewrites.DTYPES[self.dtype]
+
+
+class PteProgram:
+    """A ``.pte`` loaded through ``executorch.runtime``.
+
+    The shape flags (the command line's) may fill in what the program does not state, and must
+    agree with what it does.
+    """
+
+    def __init__(self, path, *, seq_length=None, max_seq_length=None, cache_size=None, dtype=None):
+        self.path = Path(path)
+        flags = {"seq_length": seq_length, "max_seq_length": max_seq_length, "cache_size": cache_size,
+                 "dtype": dtype}
+        program = _load_program(self.path)
+        if "forward" not in program.method_names:
+            raise UserError(str(self.path), f"no forward method (it has {', '.join(sorted(program.method_names))})")
+        # Loaded first: a Core ML program on Linux is the likeliest mistake, and fails here.
+        self._loaded = {name: _load_method(self.path, program, name) for name in METHODS
+                        if name in program.method_names}
+        shapes = _input_shapes(self.path, self._loaded["forward"].metadata)
+        self.methods = {name: m.metadata.input_tensor_meta(0).sizes()[1] for name, m in self._loaded.items()}
+        constants = {name: _constant(program, name) for name in CONSTANTS if name in program.method_names}
+        self.info = _model_info(self.path, shapes, constants, flags)
+        log.info("loaded %s: %s", self.path.name, ", ".join(f"{m} {n} tokens/call" for m, n in self.methods.items()))
+
+    def run(self, method, call):
+        out = self._loaded[method].execute(call.flat)
+        if self.info.use_cache_list:
+            n = self.info.n_layers
+            return out[0], out[1:1 + n], out[1 + n:]
+        return out[0], out[1], out[2]
+
+
+def _load_program(path):
+    if not path.is_file():
+        raise UserError(str(path), "no such file")
+    from executorch.runtime import Runtime
+
+    try:
+        return Runtime.get().load_program(path)
+    except RuntimeError as e:
+        raise UserError(str(path), f"not an ExecuTorch program (.pte) ({e})") from None
+
+
+def _load_method(path, program, name):
+    from executorch.runtime import Runtime
+
+    try:
+        return program.load_method(name)
+    except RuntimeError as e:
+        backends = ", ".join(Runtime.get().backend_registry.registered_backend_names)
+        raise UserError(str(path), f"method {name} does not load ({e}): it needs a backend this runtime "
+                                   f"lacks (it has {backends}); a Core ML .pte runs where the Core ML backend "
+                                   "is (macOS), elsewhere run its CPU twin, twin.pte") from None
+
+
+def _input_shapes(path, method_meta):
+    """ModelInfo fields that forward's inputs and output state."""
+    n_inputs = method_meta.num_inputs()
+    sizes = [tuple(method_meta.input_tensor_meta(i).sizes()) for i in range(n_inputs)]
+    if n_inputs < 6 or len(sizes[0]) != 2 or len(sizes[3]) not in (4, 5):
+        raise UserError(str(path), f"forward takes inputs of shapes {sizes}; expected an ane-build Llama's "
+                                   "(tokens, input_pos, input_length, k caches, v caches, attn_mask)")
+    use_cache_list = len(sizes[3]) == 4
+    if use_cache_list:
+        n_layers, (_, n_kv_heads, cache_size, head_dim) = (n_inputs - 4) // 2, sizes[3]
+    else:
+        n_layers, _, n_kv_heads, cache_size, head_dim = sizes[3]
+    code = method_meta.input_tensor_meta(3).dtype()
+    if code not in _SCALAR_TYPES:
+        raise UserError(str(path), f"caches of ExecuTorch dtype code {code}; expected fp16 or fp32")
+    return {"seq_length": sizes[0][1], "cache_size": cache_size, "n_layers": n_layers, "n_kv_heads": n_kv_heads,
+            "head_dim": head_dim, "dtype": _SCALAR_TYPES[code],
+            "vocab_size": method_meta.output_tensor_meta(0).sizes()[-1], "use_cache_list": use_cache_list}
+
+
+def _constant(program, name):
+    value = program.load_method(name).execute([])
+    return tuple(value) if name == "eos_ids" else value[0]
+
+
+def _model_info(path, shapes, constants, flags):
+    """The program's inputs, then its constant methods, then the flags: each may add, none contradict."""
+    values = dict(shapes)
+    for key, value in constants.items():
+        if values.setdefault(key, value) != value:
+            raise UserError(str(path), f"constant method {key} returns {value!r}, but forward's inputs say "
+                                       f"{values[key]!r}")
+    for key, value in flags.items():
+        if value is not None and values.setdefault(key, value) != value:
+            raise UserError(f"--{key}", f"{value!r} contradicts {path.name}, which has {key}={values[key]!r}")
+    if "max_seq_length" not in values:
+        raise UserError(str(path), "has no runner metadata (constant methods) to tell its context length: "
+                                   "pass --max_seq_length (its RoPE table length; --seq_length, --cache_size "
+                                   "and --dtype are read from its inputs)")
+    return ModelInfo(**{f.name: values[f.name] for f in fields(ModelInfo) if f.name in values})
+
+
+class EagerProgram:
+    """An ``AneLlama`` in eager PyTorch: the seed's ``--use_eager``. Any call length works, so it has
+    a one-token "decode" besides "forward"."""
+
+    def __init__(self, model, info):
+        self.model, self.info = model, info
+        self.methods = {"forward": info.seq_length, "decode": 1}
+
+    def run(self, method, call):
+        return self.model(*call.args)
+
+
+def open_eager(checkpoint, params=None, *, seq_length, max_seq_length, cache_size=None, dtype="fp32",
+               use_cache_list=False):
+    """An EagerProgram over a canonical checkpoint (its folder, or its model.safetensors) or a Meta
+    ``.pth`` with ``params`` (a params.json; default: the one beside the weights)."""
+    if seq_length is None or max_seq_length is None:
+        raise UserError("--use_eager", "needs --seq_length and --max_seq_length (the shapes of the program "
+                                       "it stands in for)")
+    cache_size = max_seq_length - seq_length if cache_size is None else cache_size
+    if seq_length < 1 or not 1 <= cache_size <= max_seq_length - seq_length:
+        raise UserError("--cache_size", f"expected 1..{max_seq_length - seq_length} (cache_size + seq_length <= "
+                                        f"max_seq_length={max_seq_length}, seq_length >= 1); got {cache_size}")
+    model_params, weights, ids = read_checkpoint(Path(checkpoint), params)
+    model = rewrites.apply(AneLlama.from_weights(model_params, weights, max_seq_length), {"dtype": dtype},
+                           where="--dtype")
+    info = ModelInfo(seq_length, max_seq_length, cache_size, model_params["n_layers"],
+                     model_params.get("n_kv_heads") or model_params["n_heads"], canonical.head_dim(model_params),
+                     dtype, model_params["vocab_size"], use_cache_list, ids.get("bos_id"),
+                     tuple(ids.get("eos_ids") or ()))
+    return EagerProgram(model, info)
+
+
+def read_checkpoint(checkpoint, params_path=None):
+    """(params, weights, {"bos_id", "eos_ids"} from checkpoint.json when there is one)."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    weights_file = folder / canonical.WEIGHTS_FILE if checkpoint.is_dir() else checkpoint
+    if not weights_file.is_file():
+        raise UserError(str(weights_file), "no such file (-c/--checkpoint: a canonical checkpoint folder, "
+                                           "its model.safetensors or a .pth)")
+    params_file = Path(params_path) if params_path else folder / canonical.PARAMS_FILE
+    raw = jsonfiles.read(params_file, "no such file (-p/--params: the model's params.json)")
+    if weights_file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(weights_file))
+    else:
+        weights = meta.load_pth(weights_file)
+    if "output.weight" not in weights and "tok_embeddings.weight" in weights:
+        weights["output.weight"] = weights["tok_embeddings.weight"]  # tied embeddings
+    model_params = meta.params_from_meta(raw, weights, params_file)
+    canonical.check_shapes(model_params, weights, str(weights_file))
+    info_file = folder / canonical.INFO_FILE
+    return model_params, weights, canonical.read_info(folder) if info_file.is_file() else {}

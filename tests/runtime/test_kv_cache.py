@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from ane_build.model.ane_llama import MASK_MIN
+from ane_build.runtime.kv_cache import KVCache, feed
+from ane_build.runtime.program import open_eager
+from tests.model.test_ane_llama import masked_reference, tokens_for, windowed
+from tests.runtime.tiny_programs import CACHE, MAX, SEQ, calls, run_calls
+from tests.tiny_llama import tiny_params, tiny_weights
+
+LAYOUTS = {"list": True, "tensor": False}
+
+
+def eager(checkpoint, layout="list", cache_size=CACHE):
+    return open_eager(checkpoint, seq_length=SEQ, max_seq_length=MAX, cache_size=cache_size,
+                      use_cache_list=LAYOUTS[layout])
+
+
+def caches(cache):
+    """Every cache tensor, whatever the layout."""
+    both = [cache.k_caches, cache.v_caches]
+    return [t for c in both for t in (c if isinstance(c, list) else [c])]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cache_size", [CACHE, 5])  # 5: a prefill chunk is longer than the whole window
+def test_generation_past_the_window_matches_the_windowed_reference(checkpoint, layout, cache_size):
+    params = tiny_params()
+    tokens = tokens_for(params, MAX)
+    outputs = run_calls(eager(checkpoint, layout, cache_size), tokens, 20)
+    run = calls(20, MAX - 20)
+    expected = masked_reference(params, tiny_weights(params), tokens, windowed(run, cache_size)).float()
+    assert len(outputs) == len(run) and run[-1][0] > 3 * cache_size
+    for (start, n, _), logits in zip(run, outputs):
+        torch.testing.assert_close(logits, expected[start + n - 1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_step_writes_only_its_rows_in_place(checkpoint, layout):
+    program = eager(checkpoint, layout)
+    cache = KVCache(program.info, program.methods)
+    tensors = caches(cache)
+    pointers = [t.data_ptr() for t in tensors]
+    inputs = {name: [t.data_ptr() for t in call.flat] for name, call in cache.calls.items()}
+    for token in tokens_for(tiny_params(), 2 * CACHE + 3):
+        before = [t.clone() for t in tensors]
+        slot = cache.pos % CACHE
+        feed(program, cache, [token])
+        for old, new in zip(before, tensors):
+            changed = (old != new).flatten(0, -3).any(0).any(-1)  # per slot
+            assert changed.nonzero().flatten().tolist() == [slot]
+    assert cache.pos == 2 * CACHE + 3
+    assert [t.data_ptr() for t in caches(cache)] == pointers  # the same tensors throughout
+    assert {name: [t.data_ptr() for t in call.flat] for name, call in cache.calls.items()} == inputs
+
+
+def test_masks_open_cache_columns_as_slots_fill(checkpoint):
+    program = eager(checkpoint)
+    cache = KVCache(program.info, program.methods)
+    tokens = tokens_for(tiny_params(), 20)
+    feed(program, cache, tokens[:5])
+    decode = cache.prepare("decode", [tokens[5]])
+    assert (decode.mask[:, :5] == 0).all() and (decode.mask[:, 5:CACHE] == MASK_MIN).all()
+    feed(program, cache, tokens[5:])
+    forward = cache.prepare("forward", [1, 2])
+    assert (forward.mask[:, :CACHE] == 0).all()  # the ring is full: every slot is open
+    causal = forward.mask[:, CACHE:] == 0
+    assert causal.equal(torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    assert forward.tokens.tolist() == [[1, 2] + [0] * (SEQ - 2)]
+    assert (forward.input_pos.item(), forward.input_length.item()) == (20, 2)
+
+
+def test_the_window_matters(checkpoint):
+    """Past the window the runner's logits are not full causal attention's (so the tests above can fail)."""
+    params = tiny_params()
+    tokens = tokens_for(params, 30)
+    outputs = run_calls(eager(checkpoint), tokens, 20)
+    full = masked_reference(params, tiny_weights(params), tokens, torch.ones(30, 30, dtype=torch.bool).tril())
+    assert (full[-1].float() - outputs[-1]).abs().max() > 1e-3
