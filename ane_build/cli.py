@@ -1,4 +1,4 @@
-"""The ``ane-build`` command: what is not a doit task (schema, status; later export, run, verify)."""
+"""The ``ane-build`` command: what is not a doit task (schema, status, run)."""
 
 import argparse
 import json
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ane_build import pipeline, recipe, schema
 from ane_build.errors import UserError
+from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
 
 
@@ -36,6 +37,9 @@ def parser():
     status.add_argument("--recipes-dir", default="recipes")
     status.add_argument("--artifacts", default="artifacts")
     status.set_defaults(func=cmd_status)
+    run = sub.add_parser("run", help="generate text with an exported .pte (the seed run.py's flags)",
+                         description=runtime_cli.__doc__)
+    runtime_cli.add_arguments(run).set_defaults(func=runtime_cli.main)
     return p
 
 

@@ -34,11 +34,19 @@ def load(path, recipes_dir=None):
         raise UserError(where, "recipe not found")
     merged = _merged(path, chain=())
     merged.pop("extends", None)
-    recipe = schema.validate(merged, where)
-    _resolve_paths(recipe, path.parent)
-    _check_rules(recipe, where)
+    _absolutize_source_path(merged, path.parent)
+    recipe = validate(merged, where)
     recipe["name"] = recipe_name(path, recipes_dir) if recipes_dir else path.stem
     recipe["path"] = where
+    return recipe
+
+
+def validate(data, where):
+    """``data`` (a recipe mapping, paths already absolute) checked and completed with defaults."""
+    recipe = schema.validate(data, where)
+    # Only the keys of the chosen source kind are kept: stages see what the user wrote.
+    recipe["source"] = {k: v for k, v in recipe["source"].items() if v is not None}
+    _check_rules(recipe, where)
     return recipe
 
 
@@ -102,12 +110,6 @@ def _absolutize_source_path(data, folder):
     source = data.get("source")
     if isinstance(source, dict) and isinstance(source.get("path"), str):
         source["path"] = str((folder / source["path"]).resolve())
-
-
-def _resolve_paths(recipe, folder):
-    # Only the keys of the chosen source kind are kept: stages see what the user wrote.
-    recipe["source"] = {k: v for k, v in recipe["source"].items() if v is not None}
-    _absolutize_source_path(recipe, folder)
 
 
 def _check_rules(recipe, where):

@@ -23,6 +23,7 @@ class Field:
     pattern: str | None = None
     help: str = ""
     nullable: bool = False
+    note: str = ""  # why the choices are what they are, added to a bad-choice error
 
 
 SCHEMA = {
@@ -41,7 +42,8 @@ SCHEMA = {
                         help="checkpoint format; auto detects it"),
     },
     "ane": {
-        "dtype": Field(str, "fp16", choices=("fp16", "fp32"), help="compute precision"),
+        "dtype": Field(str, "fp16", choices=("fp16", "fp32"), help="compute precision",
+                       note="the Neural Engine computes in fp16 and Core ML has no bf16 compute precision"),
         "seq_length": Field(int, 64, minimum=1, help="tokens per forward call"),
         "max_seq_length": Field(int, 1024, minimum=2, help="context length the caches are sized for"),
         "cache_size": Field(int, None, minimum=1, nullable=True,
@@ -94,7 +96,8 @@ def _check_value(field, value):
     if not ok_type:
         return f"expected {_type_name(field.type)}; got {value!r}"
     if field.choices and value not in field.choices:
-        return f"expected one of {', '.join(field.choices)}; got {value!r}"
+        note = f" ({field.note})" if field.note else ""
+        return f"expected one of {', '.join(field.choices)}; got {value!r}{note}"
     if field.minimum is not None and value < field.minimum:
         return f"expected at least {field.minimum}; got {value!r}"
     if field.maximum is not None and value > field.maximum:

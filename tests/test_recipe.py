@@ -111,3 +111,8 @@ def test_url_must_be_https(write):
 
 def test_empty_prompts(write):
     assert "smoke.prompts" in load_err(write("r.yaml", SOURCE + "smoke: {prompts: []}\n"))
+
+
+def test_bf16_is_refused_with_why(write):
+    msg = load_err(write("r.yaml", SOURCE + "ane: {dtype: bf16}\n"))
+    assert "ane.dtype: expected one of fp16, fp32; got 'bf16' (the Neural Engine computes in fp16" in msg

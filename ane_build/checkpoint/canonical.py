@@ -31,8 +31,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 class Checkpoint:
     params: dict
     weights: dict  # Meta name -> torch.Tensor
-    tokenizer_name: str  # one of TOKENIZER_FILES
-    tokenizer_bytes: bytes
+    tokenizer_name: str | None  # one of TOKENIZER_FILES; None for weights given without one
+    tokenizer_bytes: bytes | None
     bos_id: int | None
     eos_ids: list = field(default_factory=list)
     source_format: str = ""
@@ -94,7 +94,8 @@ def write(ckpt, out_dir):
     check_shapes(ckpt.params, weights, "converted checkpoint")
     save_file(weights, str(out_dir / WEIGHTS_FILE))
     (out_dir / PARAMS_FILE).write_text(json.dumps(ckpt.params, indent=2, sort_keys=True) + "\n")
-    (out_dir / ckpt.tokenizer_name).write_bytes(ckpt.tokenizer_bytes)
+    if ckpt.tokenizer_name:
+        (out_dir / ckpt.tokenizer_name).write_bytes(ckpt.tokenizer_bytes)
     info = {
         "tokenizer": ckpt.tokenizer_name,
         "bos_id": ckpt.bos_id,
