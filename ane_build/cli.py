@@ -1,4 +1,4 @@
-"""The ``ane-build`` command: what is not a doit task (schema, status, run)."""
+"""The ``ane-build`` command: what is not a doit task (schema, status, export, run)."""
 
 import argparse
 import json
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ane_build import pipeline, recipe, schema
+from ane_build import export as export_cli
 from ane_build.errors import UserError
 from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
@@ -37,6 +38,9 @@ def parser():
     status.add_argument("--recipes-dir", default="recipes")
     status.add_argument("--artifacts", default="artifacts")
     status.set_defaults(func=cmd_status)
+    exporter = sub.add_parser("export", help="export a .pte from -p/-c files (the seed export.py's flags)",
+                              description=export_cli.__doc__)
+    export_cli.add_arguments(exporter).set_defaults(func=export_cli.main)
     run = sub.add_parser("run", help="generate text with an exported .pte (the seed run.py's flags)",
                          description=runtime_cli.__doc__)
     runtime_cli.add_arguments(run).set_defaults(func=runtime_cli.main)

@@ -28,6 +28,9 @@ class Stage:
 STAGES = (
     Stage("fetch", 1, ("source",), (), ("stages/fetch.py", "download.py")),
     Stage("convert", 1, ("convert",), ("fetch",), ("stages/convert.py", "checkpoint/")),
+    Stage("rewrite", 1, ("ane",), ("convert",), ("stages/rewrite.py", "model/", "checkpoint/canonical.py")),
+    Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/")),
+    Stage("export", 1, ("export",), ("quantize",), ("stages/export.py", "model/io.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

@@ -120,13 +120,30 @@ def _check_rules(recipe, where):
     if cache < 1 or cache + ane["seq_length"] > ane["max_seq_length"]:
         raise UserError(where, f"ane.cache_size: cache_size + seq_length must be <= max_seq_length "
                                f"({cache} + {ane['seq_length']} > {ane['max_seq_length']})")
-    quant, export = recipe["quantize"], recipe["export"]
-    if quant["linear"] == "b4w" and export["minimum_deployment_target"] != "iOS18":
-        raise UserError(where, "quantize.linear: b4w needs export.minimum_deployment_target iOS18 "
-                               f"(Core ML blockwise quantization); got {export['minimum_deployment_target']}")
+    _check_deployment_target(recipe, where)
     prompts = recipe["smoke"]["prompts"]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise UserError(where, f"smoke.prompts: expected a list of non-empty strings; got {prompts!r}")
+
+
+def _check_deployment_target(recipe, where):
+    """What Core ML before iOS18 cannot take (checked on coremltools 9.0)."""
+    target = recipe["export"]["minimum_deployment_target"]
+    if target == "iOS18":
+        return
+    quant, dtype = recipe["quantize"], recipe["ane"]["dtype"]
+    if quant["linear"] == "b4w":
+        raise UserError(where, f"quantize.linear: b4w needs export.minimum_deployment_target iOS18 "
+                               f"(Core ML blockwise quantization); got {target}")
+    if quant["linear"] != "none":
+        raise UserError(where, f"quantize.linear: 4-bit weights need export.minimum_deployment_target "
+                               f"iOS18; got {target}")
+    if quant["embedding"] not in (None, "8,0"):
+        raise UserError(where, f"quantize.embedding: before iOS18 Core ML takes only '8,0' (8-bit, one "
+                               f"scale per row); got {quant['embedding']!r} with {target}")
+    if dtype != "fp32":
+        # Before iOS18 the converter decomposes attention and adds the fp16 mask to fp32 scores.
+        raise UserError(where, f"ane.dtype: fp16 needs export.minimum_deployment_target iOS18; got {target}")
 
 
 def _check_source(source, where):

@@ -47,9 +47,8 @@ def main(args):
                                                                  canonical.TOKENIZER_FILES))
     info = program.info
     tokenizer.check_fits(info.vocab_size, source.name)
-    # The checkpoint's word on bos and eos comes first; the tokenizer's own ids fill in.
-    prompt_ids = tokenizer.encode(args.prompt, tokenizer.bos_id if info.bos_id is None else info.bos_id)
-    generation = Generation(program, prompt_ids, sampler, args.n_steps, info.eos_ids or tokenizer.eos_ids)
+    prompt_ids = tokenizer.prompt_ids(args.prompt, info)
+    generation = Generation(program, prompt_ids, sampler, args.n_steps, tokenizer.stop_ids(info))
     stream = TextStream(tokenizer, prompt_ids)
     print(args.prompt, end="", flush=True)
     for token in generation:

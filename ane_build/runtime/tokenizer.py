@@ -38,6 +38,15 @@ class Tokenizer:
             ids.insert(0, bos_id)
         return ids
 
+    def prompt_ids(self, text, info):
+        """``text``'s ids for the program ``info`` describes: the checkpoint's word on bos (the
+        program's) comes first; the tokenizer's own fills in."""
+        return self.encode(text, self.bos_id if info.bos_id is None else info.bos_id)
+
+    def stop_ids(self, info):
+        """The ids that end a generation: the program's eos ids, else the tokenizer's."""
+        return info.eos_ids or self.eos_ids
+
     def decode(self, ids):
         return self._impl.decode(list(ids))
 

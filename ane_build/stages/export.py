@@ -1,0 +1,245 @@
+"""export: quantize entry + recipe ``export:`` -> the Core ML ``.pte``, its delegation report, a CPU twin.
+
+- ``model.pte``: every method (forward, and decode when the recipe asks) lowered with the
+  Core ML partitioner. Several methods become one Core ML multifunction model per
+  partition, whose weights are stored once (ExecuTorch's POSITIONAL weight sharing, the
+  Core ML backend's default for multi-method lowering).
+- ``delegation.json`` / ``delegation.txt``: how much of each method Core ML took, and
+  every op left on the CPU.
+- ``twin.pte``: the same loaded programs lowered for the CPU (linears on XNNPACK), for
+  hosts without Core ML (ExecuTorch's Linux runtime). torchao's ``dequantize_affine`` has no ExecuTorch CPU
+  kernel, so the dequantization of the constant weights is folded into constants first.
+
+Both carry the runner metadata (``io.runner_metadata``) as constant methods.
+"""
+
+import copy
+import json
+import logging
+import operator
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ane_build.errors import UserError
+from ane_build.model import io
+from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pte"
+TWIN_FILE = "twin.pte"
+
+
+def resolve(params, spec):
+    """The ``export:`` settings checked against the quantized programs they will lower."""
+    settings = {
+        "minimum_deployment_target": params.get("minimum_deployment_target", "iOS18"),
+        "compute_unit": params.get("compute_unit", "CPU_AND_NE"),
+        "require_full_delegation": params.get("require_full_delegation", True),
+    }
+    for key, choices in (("minimum_deployment_target", DEPLOYMENT_TARGETS), ("compute_unit", COMPUTE_UNITS)):
+        if settings[key] not in choices:
+            raise UserError("", f"export.{key}={settings[key]!r}: expected one of {', '.join(choices)}")
+    needs = _ios18_reasons(spec)
+    if needs and settings["minimum_deployment_target"] != "iOS18":
+        raise UserError("", f"export.minimum_deployment_target={settings['minimum_deployment_target']}: "
+                            f"Core ML before iOS18 cannot take {' and '.join(needs)}; set it to iOS18")
+    return settings
+
+
+def _ios18_reasons(spec):
+    """What in the programs needs iOS18's Core ML (checked on coremltools 9.0)."""
+    reasons = []
+    if spec["ane"]["dtype"] == "fp16":
+        # Before iOS18 the converter decomposes attention and adds the fp16 mask to fp32 scores.
+        reasons.append("an fp16 model (ane.dtype=fp16)")
+    quantized = spec["quantize"]
+    if quantized["linear"] != "none":
+        reasons.append(f"4-bit linear weights (quantize.linear={quantized['linear']})")
+    embedding = quantized["embedding"]
+    # Older targets dequantize only 8-bit weights with one scale per row.
+    if embedding and (embedding["bits"] != 8 or embedding["group"]):
+        spec_text = f"{embedding['bits']},{embedding['group']}"
+        reasons.append(f"this embedding quantization (quantize.embedding={spec_text})")
+    return reasons
+
+
+def load_programs(entry, spec):
+    """{method: ExportedProgram} of a quantize entry, forward first (the multifunction default)."""
+    # Registers torch.ops.torchao.dequantize_affine, which the saved graphs call.
+    import torchao.quantization.quant_primitives  # noqa: F401
+
+    files = {method: Path(entry) / spec["programs"][method]["file"] for method in io.methods(spec["ane"])}
+    return {method: torch.export.load(file) for method, file in files.items()}
+
+
+def lower_coreml(programs, settings, dtype, metadata):
+    """An EdgeProgramManager with every method delegated to Core ML as far as it goes."""
+    import coremltools as ct
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    compile_specs = CoreMLBackend.generate_compile_specs(
+        minimum_deployment_target=getattr(ct.target, settings["minimum_deployment_target"]),
+        compute_precision={"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}[dtype],
+        compute_unit=ct.ComputeUnit[settings["compute_unit"]],
+        model_type=CoreMLBackend.MODEL_TYPE.MODEL,
+    )
+    # The caller owns the KV caches (they are inputs and outputs), so there is no mutable
+    # buffer for Core ML to take over, as in the seed.
+    partitioner = CoreMLPartitioner(compile_specs=compile_specs, take_over_mutable_buffer=False,
+                                    skip_ops_for_coreml_delegation=[])
+    return to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata)
+
+
+def lower_twin(programs, metadata):
+    """An EdgeProgramManager of ``programs`` for the CPU: linears on XNNPACK, portable kernels for the rest.
+
+    Folds the programs in place. Only constant weights feed dequantize_affine here, so
+    constant propagation removes every call to it (ExecuTorch's default skips quantization
+    ops; only its ``full`` skip is kept, as folding ``full`` just bloats the file).
+
+    Linears only: with every XNNPACK op, the ops XNNPACK lacks (amax, mean, the attention
+    mask's logic...) cut each layer into ~13 partitions, and ExecuTorch's partitioning time
+    grows with partitions x graph size: SmolLM2-135M's twin took 8 min that way, 3 min
+    like this. The linears are nearly all the FLOPs: a 64-token forward takes 0.7 s on 2
+    cores (0.3 s with every op on XNNPACK, 12 s with none).
+    """
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import (
+        constant_prop_pass,
+        get_default_skip_targets_no_quant,
+    )
+
+    skip = get_default_skip_targets_no_quant()
+    folded = {m: constant_prop_pass(ep, custom_skip_targets=skip) for m, ep in programs.items()}
+    partitioner = XnnpackPartitioner(configs=[LinearConfig])
+    return to_edge_transform_and_lower(folded, partitioner=[partitioner], constant_methods=metadata)
+
+
+def write_pte(manager, path):
+    """Serialize an EdgeProgramManager with the seed's ExecuTorch settings; returns the file size."""
+    from executorch.exir.capture._config import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    program = manager.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,
+        # Inputs are the caller's memory (its caches), not planned into the arena.
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    ))
+    with open(path, "wb") as f:
+        program.write_to_file(f)
+    return Path(path).stat().st_size
+
+
+def delegation_report(manager):
+    """How much of each method Core ML took: ops inside its partitions, and every op left outside."""
+    from torch._higher_order_ops.executorch_call_delegate import executorch_call_delegate
+
+    methods = {}
+    for method in manager.methods:
+        graph_module = manager.exported_program(method).graph_module
+        delegated, cpu, partitions = Counter(), Counter(), 0
+        for node in _calls(graph_module):
+            if node.target is executorch_call_delegate:
+                partitions += 1
+                lowered = getattr(graph_module, node.args[0].target)
+                delegated.update(_op_name(n) for n in _calls(lowered.original_module))
+            elif node.target is not operator.getitem:  # unpacks a delegate's outputs: no kernel
+                cpu[_op_name(node)] += 1
+        methods[method] = {
+            "partitions": partitions,
+            "delegated_ops": sum(delegated.values()),
+            "cpu_ops": dict(cpu.most_common()),
+            "delegated_op_types": dict(delegated.most_common()),
+            "delegated_share": _share(sum(delegated.values()), sum(cpu.values())),
+        }
+    total_delegated = sum(m["delegated_ops"] for m in methods.values())
+    total_cpu = Counter()
+    for m in methods.values():
+        total_cpu.update(m["cpu_ops"])
+    return {"backend": "CoreMLBackend",
+            "delegated_share": _share(total_delegated, sum(total_cpu.values())),
+            "coreml_partitions": sum(m["partitions"] for m in methods.values()),
+            "cpu_ops": dict(total_cpu.most_common()),
+            "methods": methods}
+
+
+def _calls(graph_module):
+    return [node for node in graph_module.graph.nodes if node.op == "call_function"]
+
+
+def _op_name(node):
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _share(n_delegated, n_cpu):
+    return round(n_delegated / (n_delegated + n_cpu), 4) if n_delegated + n_cpu else 1.0
+
+
+def _ops_text(ops):
+    return ", ".join(f"{name} x{count}" for name, count in ops.items())
+
+
+def write_report(report, out_dir):
+    (Path(out_dir) / "delegation.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [(f"Core ML delegation of {MODEL_FILE}: {report['delegated_share']:.1%} of ops delegated, "
+              f"{report['coreml_partitions']} Core ML partition(s) in all")]
+    for method, m in report["methods"].items():
+        lines.append(f"{method}: {m['partitions']} partition(s), {m['delegated_ops']} ops delegated, "
+                     f"{sum(m['cpu_ops'].values())} on the CPU")
+        lines += [f"    CPU  {count:5d}  {name}" for name, count in m["cpu_ops"].items()]
+    (Path(out_dir) / "delegation.txt").write_text("\n".join(lines) + "\n")
+
+
+def run(inputs, params, out_dir):
+    """inputs: {"quantize": quantize entry dir}; params: the recipe's ``export:`` mapping."""
+    quant_dir, out_dir = Path(inputs["quantize"]), Path(out_dir)
+    spec = io.read_spec(quant_dir)
+    settings = resolve(params, spec)
+    metadata = io.runner_metadata(spec)
+    programs = load_programs(quant_dir, spec)
+    # Lowering rewrites programs in place; the twin starts from an untouched copy of the same ones.
+    twin_programs = copy.deepcopy(programs)
+
+    started = time.time()
+    log.info("lowering %s to Core ML (%s, %s, %s)", ", ".join(programs),
+             settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"])
+    coreml = lower_coreml(programs, settings, spec["ane"]["dtype"], metadata)
+    report = delegation_report(coreml)
+    write_report(report, out_dir)
+    if settings["require_full_delegation"] and report["cpu_ops"]:
+        raise UserError("export.require_full_delegation",
+                        f"{_ops_text(report['cpu_ops'])} stay on the CPU instead of Core ML; "
+                        "set it to false to build anyway (delegation.txt then lists them)")
+    pte_bytes = write_pte(coreml, out_dir / MODEL_FILE)
+    coreml_seconds = time.time() - started
+    del coreml, programs
+
+    started = time.time()
+    log.info("lowering the CPU twin (XNNPACK linears)")
+    twin_bytes = write_pte(lower_twin(twin_programs, metadata), out_dir / TWIN_FILE)
+    twin_seconds = time.time() - started
+
+    io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
+    io.write_spec({**spec, "export": settings, "metadata": metadata}, out_dir)
+    ideal = spec["quantize"]["ideal_bytes"]
+    return {
+        "pte_bytes": pte_bytes,
+        "ideal_bytes": ideal,
+        "pte_over_ideal": round(pte_bytes / ideal, 4),
+        "twin_bytes": twin_bytes,
+        "delegated_share": report["delegated_share"],
+        "coreml_partitions": report["coreml_partitions"],
+        "cpu_ops": sum(report["cpu_ops"].values()),
+        "coreml_seconds": round(coreml_seconds, 2),
+        "twin_seconds": round(twin_seconds, 2),
+    }

@@ -1,0 +1,100 @@
+"""release: export + smoke entries -> the per-device bundle, as a folder and as a ``.tar.gz``.
+
+The entry holds ``<name>/`` and ``<name>.tar.gz`` (the same folder). The bundle is a folder
+inside the entry, not the entry itself, because the store writes its own ``manifest.json`` at
+the entry's top. It holds what a device app needs and what tells how it was made:
+
+- ``model.pte``: the Core ML program;
+- the tokenizer file;
+- ``delegation.txt``: what Core ML took, and any op left on the CPU;
+- ``smoke.md``: the smoke test's generations, agreement and speeds;
+- ``manifest.json``: every other file's sha256 and size, the recipe, the stage keys, the
+  toolchain versions, the device and the smoke metrics (``ane-build verify`` checks it).
+
+The CPU twin (``twin.pte``) is left out: it stands in for ``model.pte`` on hosts without
+Core ML, which a device is not, and would add a second copy of the weights to every download.
+It stays in the export entry for hosts.
+
+The archive is the same bytes for the same files (sorted members, no host times, owners or
+modes, gzip without a time or file name), so a rebuild can be checked against a release.
+"""
+
+import copy
+import gzip
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+from ane_build import keys
+from ane_build.errors import UserError
+from ane_build.model import io
+from ane_build.stages import smoke
+from ane_build.stages.export import MODEL_FILE
+from ane_build.verify import ARCHIVE_SUFFIX, MANIFEST, describe
+
+FROM_EXPORT = (MODEL_FILE, "delegation.txt")  # and the tokenizer, named in spec.json
+FROM_SMOKE = (smoke.REPORT_MD,)
+
+
+def run(inputs, params, out_dir):
+    """inputs: {"export": dir, "smoke": dir}; params: {"recipe": the resolved recipe, "stage_keys": {stage: key}}."""
+    export_dir, smoke_dir, out_dir = Path(inputs["export"]), Path(inputs["smoke"]), Path(out_dir)
+    recipe = recorded_recipe(params["recipe"])
+    name = bundle_name(recipe)
+    bundle = out_dir / name
+    bundle.mkdir()
+    tokenizer = io.read_spec(export_dir)["tokenizer"]
+    for src in [export_dir / f for f in (*FROM_EXPORT, tokenizer)] + [smoke_dir / f for f in FROM_SMOKE]:
+        shutil.copyfile(src, bundle / src.name)
+    files = {f.name: describe(f) for f in sorted(bundle.iterdir())}
+    smoke_summary = json.loads((smoke_dir / smoke.REPORT_JSON).read_text())["summary"]
+    manifest = {
+        "bundle": name,
+        "device": recipe["device"],
+        "files": files,
+        "recipe": recipe,
+        "stage_keys": params["stage_keys"],
+        "toolchain": keys.toolchain_versions(),
+        "smoke": smoke_summary,
+    }
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    archive = write_archive(bundle, out_dir / (name + ARCHIVE_SUFFIX))
+    return {"bundle": name, "files": len(files) + 1, "bytes": sum(f["size"] for f in files.values()),
+            "archive_bytes": archive.stat().st_size}
+
+
+def recorded_recipe(recipe):
+    """The recipe as the manifest records it (and the stage key should hash it): without where it
+    was read from on this host (its ``path``, a local source's folder), so the same recipe gives
+    the same manifest on every machine. A local source's content is pinned by the fetch key."""
+    recorded = copy.deepcopy({k: v for k, v in recipe.items() if k != "path"})
+    if "path" in recorded["source"]:
+        recorded["source"]["path"] = Path(recorded["source"]["path"]).name
+    return recorded
+
+
+def bundle_name(recipe):
+    """``release.name``, or the recipe name with "/" as "-"; it names a folder and a file."""
+    name = recipe["release"].get("name") or recipe["name"].replace("/", "-")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise UserError("release.name", f"expected a file name (no / or \\); got {name!r}")
+    return name
+
+
+def write_archive(bundle, path):
+    """``bundle`` as ``<name>/<file>`` members of a .tar.gz that is the same bytes for the same files."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_member(bundle.name, tarfile.DIRTYPE, 0o755))
+        for f in sorted(bundle.iterdir()):
+            with open(f, "rb") as data:
+                tar.addfile(_member(f"{bundle.name}/{f.name}", tarfile.REGTYPE, 0o644, f.stat().st_size), data)
+    return path
+
+
+def _member(name, kind, mode, size=0):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.size = kind, mode, size
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    return info

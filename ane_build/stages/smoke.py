@@ -1,0 +1,204 @@
+"""smoke: export entry + canonical checkpoint + recipe ``smoke:`` -> generations, speeds and top-1
+agreement with the fp32 reference; the stage fails when the program is broken.
+
+Each prompt runs through the program twice, with the runner's own code (``ane_build.runtime``):
+
+- a generation of ``n_steps`` tokens (greedy at temperature 0, else sampled with seed 0): the
+  text shown and the prefill / decode speeds;
+- a teacher-forced pass over the fp32 ``ReferenceLlama``'s greedy continuation of the prompt:
+  the program's argmax at each of the ``n_steps`` positions against the reference's. Forcing
+  the reference's tokens keeps one early disagreement from making every later position differ,
+  as comparing two free generations would.
+
+The program is the Core ML ``model.pte`` where this runtime has the Core ML backend (macOS),
+else the CPU twin lowered from the same exported program (Linux). The entry holds
+``smoke.json`` (every number) and ``smoke.md`` (for people).
+"""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from ane_build.errors import UserError
+from ane_build.model import io
+from ane_build.model.reference import ReferenceLlama
+from ane_build.runtime.generate import Generation
+from ane_build.runtime.kv_cache import KVCache, feed
+from ane_build.runtime.program import PteProgram
+from ane_build.runtime.sampling import Sampler
+from ane_build.runtime.tokenizer import TextStream, Tokenizer
+from ane_build.stages.export import MODEL_FILE, TWIN_FILE
+
+log = logging.getLogger(__name__)
+REPORT_JSON = "smoke.json"
+REPORT_MD = "smoke.md"
+SEED = 0
+COREML = "CoreMLBackend"
+# The delegate each file of an export entry runs on (the twin's ops beyond linears use portable kernels).
+BACKENDS = {MODEL_FILE: COREML, TWIN_FILE: "XnnpackBackend"}
+
+
+def run(inputs, params, out_dir):
+    """inputs: {"export": export entry dir, "convert": canonical checkpoint dir}; params: the
+    recipe's ``smoke:`` mapping."""
+    from executorch.runtime import Runtime
+
+    export_dir, out_dir = Path(inputs["export"]), Path(out_dir)
+    runtime = choose_program(Runtime.get().backend_registry.registered_backend_names)
+    program = PteProgram(export_dir / runtime["program"])
+    tokenizer = Tokenizer(export_dir / io.read_spec(export_dir)["tokenizer"])
+    tokenizer.check_fits(program.info.vocab_size, runtime["program"])
+    reference = ReferenceLlama.from_checkpoint(inputs["convert"])
+    log.info("smoke: %s on %s, %d prompt(s)", runtime["program"], runtime["backend"], len(params["prompts"]))
+
+    results = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
+    summary = summarize(results, runtime)
+    report = {"runtime": runtime, "settings": {**params, "top_p": 1.0, "seed": SEED}, "summary": summary,
+              "prompts": results}
+    # Written before the checks: whoever runs the stage by hand keeps the report of a failing program.
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / REPORT_MD).write_text(markdown(report))
+    for result in results:
+        check(result, params)
+    return summary
+
+
+def choose_program(registered_backends):
+    """Which file of the export entry to run, and on what, as smoke.json records it."""
+    name = MODEL_FILE if COREML in registered_backends else TWIN_FILE
+    return {"runtime": "executorch.runtime", "backend": BACKENDS[name], "program": name,
+            "registered_backends": sorted(registered_backends)}
+
+
+def smoke_prompt(program, tokenizer, reference, prompt, params):
+    """One prompt's generation, speeds and teacher-forced agreement."""
+    info, n_steps = program.info, params["n_steps"]
+    prompt_ids = tokenizer.prompt_ids(prompt, info)
+    # The last token fed sits at position len + n_steps - 2 and should see every one before it:
+    # past its window of cache_size past tokens, the program rightly sees less than the reference.
+    needed = len(prompt_ids) + n_steps - 2
+    if needed > info.cache_size:
+        raise UserError("smoke.n_steps", f"prompt {prompt!r} ({len(prompt_ids)} tokens) with n_steps={n_steps} needs "
+                                         f"{needed} past tokens in the KV cache to compare with the fp32 reference; "
+                                         f"the program keeps ane.cache_size={info.cache_size}")
+    watch = FiniteWatch(Sampler(params["temperature"], seed=SEED), prompt)
+    generation = Generation(program, prompt_ids, watch, n_steps, tokenizer.stop_ids(info))
+    generated = list(generation)
+    stream = TextStream(tokenizer, prompt_ids)
+    text = "".join(stream.push(token) for token in generated) + stream.flush()
+
+    expected = reference.greedy(prompt_ids, n_steps)
+    predicted = teacher_forced(program, prompt_ids, expected, prompt)
+    agreeing = sum(p == e for p, e in zip(predicted, expected))
+    stats = generation.stats
+    result = {
+        "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": generated, "text": text,
+        "top1_agreement": agreeing / n_steps, "agreeing_positions": agreeing,
+        "first_divergence": next((i for i, (p, e) in enumerate(zip(predicted, expected)) if p != e), None),
+        "reference_ids": expected, "program_ids": predicted,
+        # Every logit vector of both runs was checked (a non-finite one fails the stage at once).
+        "finite_logits_checked": watch.checked + len(predicted),
+        "prefill": {"tokens": stats.prompt_tokens, "seconds": stats.prefill_seconds,
+                    "tokens_per_second": stats.prefill_tokens_per_second},
+        "decode": {"tokens": stats.decode_calls, "seconds": stats.decode_seconds,
+                   "tokens_per_second": stats.decode_tokens_per_second},
+    }
+    log.info("smoke %r -> %r: top-1 agreement %.3f, decode %.1f tokens/s", prompt, text, result["top1_agreement"],
+             stats.decode_tokens_per_second)
+    return result
+
+
+class FiniteWatch:
+    """A sampler that first refuses logits holding a NaN or inf (sampling would fail on them, or
+    pick a meaningless token)."""
+
+    def __init__(self, sampler, prompt):
+        self.sampler, self.prompt, self.checked = sampler, prompt, 0
+
+    def __call__(self, logits):
+        check_finite(logits, self.prompt, f"generated token {self.checked}")
+        self.checked += 1
+        return self.sampler(logits)
+
+
+def check_finite(logits, prompt, where):
+    if not torch.isfinite(logits).all():
+        raise UserError("smoke", f"prompt {prompt!r}: the program's logits hold NaN or inf at {where}: the "
+                                 "exported program is broken")
+
+
+def teacher_forced(program, prompt_ids, continuation, prompt):
+    """The program's argmax after the prompt and after each token of ``continuation`` but the last,
+    fed one call at a time through the runner's KV cache, as a generation feeds its tokens."""
+    cache = KVCache(program.info, program.methods)
+    predicted = []
+    for i, chunk in enumerate([prompt_ids] + [[token] for token in continuation[:-1]]):
+        logits = feed(program, cache, chunk)
+        check_finite(logits, prompt, f"teacher-forced position {i}")
+        predicted.append(int(logits.argmax()))
+    return predicted
+
+
+def summarize(results, runtime):
+    """The stage's metrics: the worst agreement, and speeds over every prompt's tokens."""
+    def rate(phase):
+        seconds = sum(r[phase]["seconds"] for r in results)
+        return sum(r[phase]["tokens"] for r in results) / seconds if seconds else 0.0
+
+    return {"min_top1_agreement": min(r["top1_agreement"] for r in results),
+            "prefill_tokens_per_second": round(rate("prefill"), 1),
+            "decode_tokens_per_second": round(rate("decode"), 1),
+            "program": runtime["program"], "backend": runtime["backend"]}
+
+
+def check(result, params):
+    """Fail on a generation that says the program is broken, or on agreement below the recipe's bar."""
+    prompt, generated = result["prompt"], result["generated_ids"]
+    if not generated:
+        raise UserError("smoke", f"prompt {prompt!r}: the generation is empty (its first token is a stop token)")
+    if len(generated) > 1 and len(set(generated)) == 1:
+        raise UserError("smoke", f"prompt {prompt!r}: the generation repeats one token ({generated[0]}) "
+                                 f"{len(generated)} times: the exported program is broken")
+    if result["top1_agreement"] < params["min_top1_agreement"]:
+        raise UserError("smoke.min_top1_agreement",
+                        f"prompt {prompt!r}: top-1 agreement with the fp32 reference is "
+                        f"{result['top1_agreement']:.3f} ({result['agreeing_positions']} of {params['n_steps']} "
+                        f"teacher-forced positions, first divergence at {result['first_divergence']}), below "
+                        f"{params['min_top1_agreement']}")
+
+
+def markdown(report):
+    runtime, settings, summary = report["runtime"], report["settings"], report["summary"]
+    ran = f"`{runtime['program']}` through {runtime['runtime']} on {runtime['backend']}"
+    if runtime["program"] == TWIN_FILE:
+        ran += f" (the CPU twin of `{MODEL_FILE}`: this runtime has no {COREML})"
+    sampling = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}, seed {SEED}"
+    lines = [
+        "# Smoke test", "",
+        f"Ran {ran}. {settings['n_steps']} tokens per prompt, {sampling}. Top-1 agreement with the fp32 "
+        f"reference over {settings['n_steps']} teacher-forced positions: at least "
+        f"{settings['min_top1_agreement']} required, {summary['min_top1_agreement']:.3f} at worst.", "",
+        "| prompt | top-1 agreement | first divergence | prefill tokens/s | decode tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["prompts"]:
+        divergence = "none" if r["first_divergence"] is None else r["first_divergence"]
+        lines.append(f"| {_cell(r['prompt'])} | {r['top1_agreement']:.3f} | {divergence} | "
+                     f"{r['prefill']['tokens_per_second']:.1f} | {r['decode']['tokens_per_second']:.1f} |")
+    for r in report["prompts"]:
+        fence = _fence(r["prompt"] + r["text"])
+        lines += ["", f"## {_cell(r['prompt'])}", "", fence, r["prompt"] + r["text"], fence]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text):
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _fence(text):
+    """A code fence longer than any run of backticks in ``text``, so generated text cannot close it."""
+    longest = max(map(len, re.findall("`+", text)), default=0)
+    return "`" * max(3, longest + 1)

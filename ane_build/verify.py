@@ -1,0 +1,156 @@
+"""``ane-build verify <bundle folder or .tar.gz>``: does a release bundle hold exactly what its
+``manifest.json`` lists?
+
+Every listed file must be there with its size and sha256, and a file present but not listed is a
+problem too: a bundle ships whole. A ``.tar.gz`` is unpacked into a temporary folder and checked
+the same way; an archive with a member that is not a plain file or folder, or whose path leaves
+the archive (absolute, or through ".."), is refused before anything is unpacked.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from ane_build.errors import UserError
+from ane_build.filehash import sha256_file
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+ARCHIVE_SUFFIX = ".tar.gz"
+
+
+def describe(path):
+    """A file as a bundle manifest lists it."""
+    return {"sha256": sha256_file(path), "size": Path(path).stat().st_size}
+
+
+def verify(bundle):
+    """The problems with ``bundle`` (a bundle folder or its .tar.gz), one line each; [] when intact."""
+    return check(bundle)[1]
+
+
+def check(bundle):
+    """(how many listed files were checked, the problems)."""
+    path = Path(bundle)
+    if path.is_dir():
+        return check_folder(path)
+    if path.is_file() and path.name.endswith(ARCHIVE_SUFFIX):
+        return check_archive(path)
+    return 0, [f"expected a bundle folder or a {ARCHIVE_SUFFIX} file; "
+               f"{'found another kind of file' if path.exists() else 'there is nothing there'}"]
+
+
+def check_folder(folder):
+    listed, problem = read_listing(folder / MANIFEST)
+    if problem:
+        return 0, [problem]
+    problems = [p for rel, meta in sorted(listed.items()) if (p := check_file(folder, rel, meta))]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
+    problems += [f"{rel}: present but not listed in {MANIFEST}" for rel in sorted(present - set(listed))]
+    return len(listed), problems
+
+
+def read_listing(manifest):
+    """({relative path: {"sha256", "size"}}, None), or (None, the problem with the manifest)."""
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        if all(isinstance(m["sha256"], str) and isinstance(m["size"], int) for m in files.values()):
+            return files, None
+    except FileNotFoundError:
+        return None, f"{MANIFEST}: missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None, f"{MANIFEST}: not a bundle manifest (expected \"files\": {{path: {{sha256, size}}}})"
+
+
+def check_file(folder, rel, meta):
+    """The problem with one listed file, or None."""
+    if not stays_inside(rel):
+        return f"{rel}: listed with a path that leaves the bundle"
+    path = folder / rel
+    if not path.is_file():
+        return f"{rel}: missing"
+    size = path.stat().st_size
+    if size != meta["size"]:
+        return f"{rel}: {size} bytes; {MANIFEST} says {meta['size']}"
+    digest = sha256_file(path)
+    if digest != meta["sha256"]:
+        return f"{rel}: sha256 {digest}; {MANIFEST} says {meta['sha256']}"
+    return None
+
+
+def stays_inside(name):
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts
+
+
+def check_archive(archive):
+    """The archive holds one folder, the bundle (as release writes it): checked once unpacked."""
+    with tempfile.TemporaryDirectory(prefix="ane-build-verify-") as scratch:
+        problems = unpack(archive, Path(scratch))
+        if problems:
+            return 0, problems
+        tops = sorted(Path(scratch).iterdir())
+        if len(tops) != 1 or not tops[0].is_dir():
+            return 0, [f"expected one top folder (the bundle); found {', '.join(p.name for p in tops) or 'nothing'}"]
+        return check_folder(tops[0])
+
+
+def unpack(archive, dest):
+    """Unpack ``archive`` into ``dest`` unless a member is refused; the problems."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            refused = [f"{m.name}: refused: {why}" for m in members if (why := refusal(m))]
+            if refused:
+                return refused
+            # The "data" filter re-checks what refusal() did, inside tarfile itself.
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        return [f"not a readable {ARCHIVE_SUFFIX} ({e})"]
+    return []
+
+
+def refusal(member):
+    if not (member.isfile() or member.isdir()):
+        return "not a plain file or folder"
+    if not stays_inside(member.name):
+        return "its path leaves the archive"
+    return None
+
+
+def add_arguments(parser):
+    parser.add_argument("bundle", help=f"a release bundle: its folder, or its {ARCHIVE_SUFFIX}")
+    return parser
+
+
+def main(args):
+    """Print "ok: N files verified", or raise UserError naming the first problem and the count."""
+    n_files, problems = check(args.bundle)
+    if problems:
+        for problem in problems[1:]:
+            log.warning("%s: %s", args.bundle, problem)
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise UserError(args.bundle, f"{problems[0]} ({count})")
+    print(f"ok: {n_files} files verified")
+    return 0
+
+
+def entry(argv=None):
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m ane_build.verify", description=__doc__))
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+
+from ane_build.errors import UserError
+from ane_build.model import io
+from ane_build.stages import export, quantize
+from tests.stages.tiny_entries import ane, build, later_call_inputs
+from tests.tiny_llama import tiny_params
+
+# Wide enough that the weights, not the Core ML program text, make most of the file.
+WIDE = tiny_params(dim=256, head_dim=64, hidden_dim=1024, vocab_size=4096)
+BUILDS = {
+    "fp16-c4w-list-decode": {"ane_params": ane(target_split_size=512, decode_method=True),
+                             "model_params": WIDE},
+    "fp32-b4w-tensor": {"ane_params": ane(dtype="fp32", use_cache_list=False),
+                        "quantize_params": {"linear": "b4w", "group_size": 32}},
+    "fp16-c4w-embedding": {"quantize_params": {"linear": "c4w", "embedding": "4,32"}},
+    # The first build without its decode method: what a second method costs.
+    "fp16-c4w-list": {"ane_params": ane(target_split_size=512), "model_params": WIDE},
+}
+# fp32 agrees to ~1e-5. In fp16 XNNPACK and eager torch round differently: ~1e-2 apart on
+# the wide model's logits, while eager fp16 itself is ~0.25 from eager fp32 there.
+TOLERANCE = {"fp16": 2e-2, "fp32": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """builds(name) -> (entries, metrics); each build runs once per module, when first asked for."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = build(tmp_path_factory.mktemp(name), "export", **BUILDS[name])
+        return done[name]
+    return get
+
+
+def load(path):
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(path)
+
+
+@pytest.mark.parametrize("name", list(BUILDS)[:3])
+def test_core_ml_takes_every_op(builds, name):
+    entries, metrics = builds(name)
+    report = json.loads((entries["export"] / "delegation.json").read_text())
+    methods = io.methods(io.read_spec(entries["export"])["ane"])
+    assert report["delegated_share"] == 1.0 and report["cpu_ops"] == {}
+    assert {m: r["partitions"] for m, r in report["methods"].items()} == dict.fromkeys(methods, 1)
+    assert "100.0% of ops delegated" in (entries["export"] / "delegation.txt").read_text()
+    assert metrics["export"]["pte_bytes"] == (entries["export"] / export.MODEL_FILE).stat().st_size
+
+
+@pytest.mark.parametrize("name", list(BUILDS)[:3])
+def test_twin_matches_the_eager_quantized_model(builds, name):
+    entries, _ = builds(name)
+    spec = io.read_spec(entries["export"])
+    quantize_params = BUILDS[name].get("quantize_params", {"linear": "c4w"})
+    eager = quantize.quantized_model(entries["rewrite"], quantize_params)
+    twin = load(entries["export"] / export.TWIN_FILE)
+    for method, seq_length in io.methods(spec["ane"]).items():
+        inputs = later_call_inputs(spec, seq_length)
+        want = eager(*inputs)
+        got = twin.load_method(method).execute(io.flat_inputs(inputs))
+        assert len(got) == len(io.flat_inputs(want))
+        assert (got[0].float() - want[0].float()).abs().max() < TOLERANCE[spec["ane"]["dtype"]], method
+
+
+def test_runner_metadata_is_in_both_programs(builds):
+    entries, _ = builds("fp16-c4w-list-decode")
+    expected = {"seq_length": 8, "max_seq_length": 32, "cache_size": 24, "n_layers": 2, "n_kv_heads": 2,
+                "head_dim": 64, "dtype": "fp16", "vocab_size": 4096, "bos_id": 1, "eos_ids": [2, 3],
+                "use_cache_list": True}
+    for file in (export.MODEL_FILE, export.TWIN_FILE):
+        program = load(entries["export"] / file)
+        assert program.method_names == {"forward", "decode", *expected}
+        got = {name: program.load_method(name).execute([]) for name in expected}
+        # ExecuTorch returns a list from every method; a list constant comes back as it is.
+        assert got == {name: v if isinstance(v, list) else [v] for name, v in expected.items()}
+
+
+def test_a_second_method_shares_the_weights(builds):
+    two, one = builds("fp16-c4w-list-decode")[1]["export"], builds("fp16-c4w-list")[1]["export"]
+    assert two["pte_bytes"] < 1.05 * one["pte_bytes"]
+    # And the weights are most of the file, so storing them twice could not pass unseen.
+    assert one["ideal_bytes"] > 0.6 * one["pte_bytes"]
+
+
+def test_fp16_and_4bit_weights_need_ios18(builds, tmp_path):
+    entries, _ = builds("fp16-c4w-list-decode")
+    with pytest.raises(UserError) as err:
+        export.run({"quantize": entries["quantize"]}, {"minimum_deployment_target": "iOS17"}, tmp_path)
+    message = str(err.value)
+    assert message.startswith("export.minimum_deployment_target=iOS17: ") and "\n" not in message
+    assert "ane.dtype=fp16" in message and "quantize.linear=c4w" in message
+
+
+class XorModel(torch.nn.Module):
+    """bitwise_xor has no Core ML conversion: it stays on the CPU."""
+
+    def forward(self, x):
+        return torch.bitwise_xor(x.int(), 3).float() + x
+
+
+@pytest.fixture
+def xor_entry(builds, tmp_path):
+    """A quantize entry whose forward program holds an op Core ML does not take."""
+    entries, _ = builds("fp16-c4w-embedding")
+    spec = io.read_spec(entries["quantize"])
+    entry = tmp_path / "quantize"
+    entry.mkdir()
+    torch.export.save(torch.export.export(XorModel(), (torch.randn(4),), strict=False), entry / "forward.pt2")
+    (entry / spec["tokenizer"]).write_bytes((entries["quantize"] / spec["tokenizer"]).read_bytes())
+    io.write_spec(spec, entry)
+    return entry
+
+
+def test_ops_left_on_the_cpu_are_reported(xor_entry, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    metrics = export.run({"quantize": xor_entry}, {"require_full_delegation": False}, out)
+    report = json.loads((out / "delegation.json").read_text())
+    assert report["cpu_ops"] == {"aten.bitwise_xor.Scalar": 1} and metrics["cpu_ops"] == 1
+    assert "aten.bitwise_xor.Scalar" in (out / "delegation.txt").read_text()
+
+
+def test_full_delegation_refuses_ops_left_on_the_cpu(xor_entry, tmp_path):
+    with pytest.raises(UserError) as err:
+        export.run({"quantize": xor_entry}, {"require_full_delegation": True}, tmp_path)
+    message = str(err.value)
+    assert message.startswith("export.require_full_delegation: ") and "aten.bitwise_xor.Scalar x1" in message
+    assert "\n" not in message

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from ane_build.errors import UserError
+from ane_build.model import io
+from ane_build.stages import quantize
+from tests.stages.tiny_entries import TOKENIZER, ane, build, later_call_inputs
+from tests.tiny_llama import tiny_params
+
+
+@pytest.fixture(scope="module")
+def rewritten(tmp_path_factory):
+    """A tiny rewrite entry with a decode method."""
+    return build(tmp_path_factory.mktemp("q"), "rewrite", ane(decode_method=True))[0]["rewrite"]
+
+
+def run(rewrite_entry, tmp_path, params):
+    out = tmp_path / "quantize"
+    out.mkdir()
+    quantize.run({"rewrite": rewrite_entry}, params, out)
+    return out
+
+
+def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_path):
+    import torchao.quantization.quant_primitives  # noqa: F401  (registers the op the programs call)
+
+    params = {"linear": "c4w", "embedding": "8,0"}
+    entry = run(rewritten, tmp_path, params)
+    spec = io.read_spec(entry)
+    assert spec["programs"] == {"forward": {"file": "forward.pt2", "seq_length": 8},
+                                "decode": {"file": "decode.pt2", "seq_length": 1}}
+    assert (entry / TOKENIZER[0]).read_bytes() == TOKENIZER[1]
+
+    eager = quantize.quantized_model(rewritten, params)
+    for method, p in spec["programs"].items():
+        program = torch.export.load(entry / p["file"])
+        inputs = later_call_inputs(spec, p["seq_length"])
+        got, want = program.module()(*inputs), eager(*inputs)
+        for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
+            assert g.shape == w.shape and torch.equal(g, w), method
+
+
+def test_ideal_size_counts_each_weight_at_its_bits(rewritten, tmp_path):
+    p = tiny_params()
+    linear = p["n_layers"] * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128) + 320 * 64
+    embedding, norms = 320 * 64, (2 * p["n_layers"] + 1) * 64
+    spec = io.read_spec(run(rewritten, tmp_path, {"linear": "b4w", "group_size": 32, "embedding": "4,32"}))
+    assert spec["quantize"]["weight_groups"] == {"linear": {"params": linear, "bits": 4},
+                                                 "embedding": {"params": embedding, "bits": 4},
+                                                 "other": {"params": norms, "bits": 16}}
+    assert spec["quantize"]["ideal_bytes"] == linear // 2 + embedding // 2 + norms * 2
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"linear": "b4w", "group_size": 48},
+     ["quantize.group_size=48", "in_features=64", "layers.0.attention.wq"]),
+    ({"linear": "c5w"}, ["quantize.linear='c5w'"]),
+    ({"embedding": "4"}, ["quantize.embedding='4'"]),
+    ({"embedding": "3,32"}, ["quantize.embedding='3,32'"]),
+    ({"embedding": "4,x"}, ["quantize.embedding='4,x'"]),
+    ({"embedding": "4,48"}, ["quantize.embedding", "48", "width 64"]),
+])
+def test_bad_settings_are_one_line_naming_the_key(rewritten, tmp_path, params, expected):
+    with pytest.raises(UserError) as err:
+        run(rewritten, tmp_path, params)
+    message = str(err.value)
+    assert all(part in message for part in expected), message
+    assert "\n" not in message
+    assert not any((tmp_path / "quantize").iterdir())
