@@ -11,15 +11,22 @@ from tests.tiny_llama import tiny_params
 
 # Wide enough that the weights, not the Core ML program text, make most of the file.
 WIDE = tiny_params(dim=256, head_dim=64, hidden_dim=1024, vocab_size=4096)
+QUANTIZATIONS = {"none": {"linear": "none"}, "c4w": {"linear": "c4w"}, "b4w": {"linear": "b4w", "group_size": 32},
+                 "c4w+emb4,32": {"linear": "c4w", "embedding": "4,32"}}
+# Every {dtype} x {linear quantization, + embedding} x {cache layout} combination of the issue.
+MATRIX = {
+    f"{dtype}-{quant}-{'list' if cache_list else 'tensor'}": {
+        "ane_params": ane(dtype=dtype, use_cache_list=cache_list), "quantize_params": QUANTIZATIONS[quant]}
+    for dtype in ("fp16", "fp32") for quant in QUANTIZATIONS for cache_list in (True, False)
+}
 BUILDS = {
+    **MATRIX,
     "fp16-c4w-list-decode": {"ane_params": ane(target_split_size=512, decode_method=True),
                              "model_params": WIDE},
-    "fp32-b4w-tensor": {"ane_params": ane(dtype="fp32", use_cache_list=False),
-                        "quantize_params": {"linear": "b4w", "group_size": 32}},
-    "fp16-c4w-embedding": {"quantize_params": {"linear": "c4w", "embedding": "4,32"}},
-    # The first build without its decode method: what a second method costs.
-    "fp16-c4w-list": {"ane_params": ane(target_split_size=512), "model_params": WIDE},
+    # The build above without its decode method: what a second method costs.
+    "fp16-c4w-list-wide": {"ane_params": ane(target_split_size=512), "model_params": WIDE},
 }
+DELEGATED = [*MATRIX, "fp16-c4w-list-decode"]
 # fp32 agrees to ~1e-5. In fp16 XNNPACK and eager torch round differently: ~1e-2 apart on
 # the wide model's logits, while eager fp16 itself is ~0.25 from eager fp32 there.
 TOLERANCE = {"fp16": 2e-2, "fp32": 1e-4}
@@ -43,7 +50,7 @@ def load(path):
     return Runtime.get().load_program(path)
 
 
-@pytest.mark.parametrize("name", list(BUILDS)[:3])
+@pytest.mark.parametrize("name", DELEGATED)
 def test_core_ml_takes_every_op(builds, name):
     entries, metrics = builds(name)
     report = json.loads((entries["export"] / "delegation.json").read_text())
@@ -54,7 +61,7 @@ def test_core_ml_takes_every_op(builds, name):
     assert metrics["export"]["pte_bytes"] == (entries["export"] / export.MODEL_FILE).stat().st_size
 
 
-@pytest.mark.parametrize("name", list(BUILDS)[:3])
+@pytest.mark.parametrize("name", DELEGATED)
 def test_twin_matches_the_eager_quantized_model(builds, name):
     entries, _ = builds(name)
     spec = io.read_spec(entries["export"])
@@ -83,7 +90,7 @@ def test_runner_metadata_is_in_both_programs(builds):
 
 
 def test_a_second_method_shares_the_weights(builds):
-    two, one = builds("fp16-c4w-list-decode")[1]["export"], builds("fp16-c4w-list")[1]["export"]
+    two, one = builds("fp16-c4w-list-decode")[1]["export"], builds("fp16-c4w-list-wide")[1]["export"]
     assert two["pte_bytes"] < 1.05 * one["pte_bytes"]
     # And the weights are most of the file, so storing them twice could not pass unseen.
     assert one["ideal_bytes"] > 0.6 * one["pte_bytes"]
@@ -108,7 +115,7 @@ class XorModel(torch.nn.Module):
 @pytest.fixture
 def xor_entry(builds, tmp_path):
     """A quantize entry whose forward program holds an op Core ML does not take."""
-    entries, _ = builds("fp16-c4w-embedding")
+    entries, _ = builds("fp16-c4w+emb4,32-list")
     spec = io.read_spec(entries["quantize"])
     entry = tmp_path / "quantize"
     entry.mkdir()
