@@ -1,0 +1,56 @@
+"""The real default recipe (SmolLM2-135M for iPhone 15 Pro), from an empty artifacts folder.
+
+Minutes, not seconds: it is the one test that builds the real model the way a user does.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_tasks import ROOT, executed
+
+RECIPE = "smollm2-135m/iphone15pro"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, smollm2_gguf):
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    env = {**os.environ, "ANE_BUILD_ARTIFACTS": str(artifacts)}
+    env.pop("ANE_BUILD_RECIPES", None)
+    env.pop("ANE_BUILD_DEFAULT", None)
+
+    def doit(*args):
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
+                              env=env, capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    first = doit()
+    return artifacts, first, doit
+
+
+@pytest.mark.slow
+def test_default_build_runs_every_stage_of_the_default_recipe(built):
+    _, first, _ = built
+    assert [name.split(":")[0] for name in executed(first)] == ["fetch", "convert", "rewrite", "quantize", "export"]
+
+
+@pytest.mark.slow
+def test_default_export_is_one_fully_delegated_core_ml_program_with_a_twin(built):
+    artifacts, _, _ = built
+    export = artifacts / "recipes" / RECIPE / "export"
+    report = json.loads((export / "delegation.json").read_text())
+    assert report["delegated_share"] == 1.0 and report["cpu_ops"] == {}
+    assert {m: r["partitions"] for m, r in report["methods"].items()} == {"forward": 1, "decode": 1}
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["metrics"]["pte_over_ideal"] < 1.1
+    assert (export / "twin.pte").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_second_doit_executes_nothing(built):
+    _, _, doit = built
+    assert executed(doit()) == []
