@@ -8,6 +8,7 @@ the archive (absolute, or through ".."), is refused before anything is unpacked.
 """
 
 import argparse
+import gzip
 import json
 import logging
 import sys
@@ -17,7 +18,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from ane_build.errors import UserError
-from ane_build.filehash import sha256_file
+from ane_build.filehash import CHUNK, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -41,8 +42,8 @@ def check(bundle):
         return check_folder(path)
     if path.is_file() and path.name.endswith(ARCHIVE_SUFFIX):
         return check_archive(path)
-    return 0, [f"expected a bundle folder or a {ARCHIVE_SUFFIX} file; "
-               f"{'found another kind of file' if path.exists() else 'there is nothing there'}"]
+    found = "another kind of file" if path.exists() else "nothing"
+    return 0, [f"expected a bundle folder or a {ARCHIVE_SUFFIX} file; found {found}"]
 
 
 def check_folder(folder):
@@ -104,13 +105,16 @@ def check_archive(archive):
 def unpack(archive, dest):
     """Unpack ``archive`` into ``dest`` unless a member is refused; the problems."""
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with gzip.open(archive, "rb") as gz, tarfile.open(fileobj=gz, mode="r:") as tar:
             members = tar.getmembers()
             refused = [f"{m.name}: refused: {why}" for m in members if (why := refusal(m))]
             if refused:
                 return refused
             # The "data" filter re-checks what refusal() did, inside tarfile itself.
             tar.extractall(dest, filter="data")
+            # tarfile stops reading at the end of the archive; reading on checks gzip's CRC and length.
+            while gz.read(CHUNK):
+                pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         return [f"not a readable {ARCHIVE_SUFFIX} ({e})"]
     return []

@@ -58,7 +58,7 @@ def run(inputs, params, out_dir):
     summary = summarize(results, runtime)
     report = {"runtime": runtime, "settings": {**params, "top_p": 1.0, "seed": SEED}, "summary": summary,
               "prompts": results}
-    # Written before the checks: whoever runs the stage by hand keeps the report of a failing program.
+    # Written before the checks below, so a run by hand keeps the report of a program that fails them.
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out_dir / REPORT_MD).write_text(markdown(report))
     for result in results:
@@ -178,9 +178,9 @@ def markdown(report):
     sampling = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}, seed {SEED}"
     lines = [
         "# Smoke test", "",
-        f"Ran {ran}. {settings['n_steps']} tokens per prompt, {sampling}. Top-1 agreement with the fp32 "
-        f"reference over {settings['n_steps']} teacher-forced positions: at least "
-        f"{settings['min_top1_agreement']} required, {summary['min_top1_agreement']:.3f} at worst.", "",
+        (f"Ran {ran}. {settings['n_steps']} tokens per prompt, {sampling}. Top-1 agreement with the fp32 "
+         f"reference over {settings['n_steps']} teacher-forced positions: at least "
+         f"{settings['min_top1_agreement']} required, {summary['min_top1_agreement']:.3f} at worst."), "",
         "| prompt | top-1 agreement | first divergence | prefill tokens/s | decode tokens/s |",
         "|---|---|---|---|---|",
     ]

@@ -1,0 +1,74 @@
+import hashlib
+import tarfile
+
+import pytest
+
+from ane_build import keys
+from ane_build.errors import UserError
+from tests.stages.tiny_export import CORE_ML_STAND_IN, STAGE_KEYS, read_json, released, run_release, tiny_recipe
+
+NAME = "tiny-phone"  # the recipe tiny/phone
+FILES = ["delegation.txt", "manifest.json", "model.pte", "smoke.md", "tokenizer.model"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return released(tmp_path_factory)
+
+
+@pytest.fixture
+def inputs(built):
+    return {"export": built["export"], "smoke": built["smoke"]}
+
+
+def test_the_bundle_holds_what_the_device_needs_and_no_twin(built):
+    assert sorted(p.name for p in built["release"].iterdir()) == [NAME, f"{NAME}.tar.gz"]
+    assert sorted(p.name for p in (built["release"] / NAME).iterdir()) == FILES
+    assert (built["release"] / NAME / "model.pte").read_bytes() == CORE_ML_STAND_IN
+
+
+def test_the_manifest_hashes_every_file_and_says_how_it_was_made(built):
+    bundle = built["release"] / NAME
+    manifest = read_json(bundle / "manifest.json")
+    assert manifest["files"] == {name: {"sha256": hashlib.sha256((bundle / name).read_bytes()).hexdigest(),
+                                        "size": (bundle / name).stat().st_size}
+                                 for name in FILES if name != "manifest.json"}
+    assert (manifest["bundle"], manifest["device"]) == (NAME, "Tiny Phone")
+    assert manifest["stage_keys"] == STAGE_KEYS
+    assert manifest["toolchain"] == keys.toolchain_versions()
+    assert manifest["smoke"] == read_json(built["smoke"] / "smoke.json")["summary"]
+    assert manifest["smoke"]["min_top1_agreement"] == 1.0
+
+
+def test_the_manifest_records_the_recipe_without_host_paths(built):
+    recorded = read_json(built["release"] / NAME / "manifest.json")["recipe"]
+    expected = tiny_recipe()
+    del expected["path"]
+    assert recorded == {**expected, "source": {"path": "tiny"}}
+
+
+def test_the_archive_is_the_same_bytes_every_time(built, inputs, tmp_path):
+    run_release(inputs, tmp_path / "again")
+    assert (tmp_path / "again" / f"{NAME}.tar.gz").read_bytes() == (built["release"] / f"{NAME}.tar.gz").read_bytes()
+
+
+def test_the_archive_is_the_bundle_folder_without_host_details(built):
+    archive = built["release"] / f"{NAME}.tar.gz"
+    assert archive.read_bytes()[4:8] == bytes(4)  # gzip's mtime
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [NAME] + [f"{NAME}/{name}" for name in FILES]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
+        assert tar.extractfile(f"{NAME}/model.pte").read() == CORE_ML_STAND_IN
+
+
+def test_release_name_names_the_bundle(inputs, tmp_path):
+    run_release(inputs, tmp_path / "named", tiny_recipe(name="tiny-1.0"))
+    assert read_json(tmp_path / "named" / "tiny-1.0" / "manifest.json")["bundle"] == "tiny-1.0"
+    assert (tmp_path / "named" / "tiny-1.0.tar.gz").is_file()
+
+
+def test_a_release_name_that_is_a_path_is_refused(inputs, tmp_path):
+    with pytest.raises(UserError) as error:
+        run_release(inputs, tmp_path / "out", tiny_recipe(name="../up"))
+    assert str(error.value) == "release.name: expected a file name (no / or \\); got '../up'"

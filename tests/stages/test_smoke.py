@@ -1,0 +1,89 @@
+import pytest
+
+from ane_build.errors import UserError
+from ane_build.stages import smoke
+from tests.stages.tiny_export import SMOKE, convert_entry, entries, read_json, released, run_smoke
+from tests.tiny_llama import tiny_params, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return entries(tmp_path_factory, "fp32")
+
+
+def test_an_fp32_twin_agrees_with_the_fp32_reference_everywhere(tmp_path_factory):
+    entry = released(tmp_path_factory)["smoke"]
+    report = read_json(entry / smoke.REPORT_JSON)
+    assert report["runtime"] == {"runtime": "executorch.runtime", "backend": "XnnpackBackend",
+                                 "program": "twin.pte", "registered_backends": report["runtime"]["registered_backends"]}
+    assert report["summary"]["min_top1_agreement"] == 1.0
+    assert report["summary"]["decode_tokens_per_second"] > 0
+    assert [r["prompt"] for r in report["prompts"]] == SMOKE["prompts"]
+    for r in report["prompts"]:
+        assert (r["top1_agreement"], r["first_divergence"]) == (1.0, None)
+        assert r["program_ids"] == r["reference_ids"] and len(r["reference_ids"]) == SMOKE["n_steps"]
+        # Greedy, the free generation is the reference's continuation too (up to a stop token).
+        assert r["generated_ids"] == r["reference_ids"][:len(r["generated_ids"])] and r["generated_ids"]
+        assert r["prompt_ids"][0] == 1  # bos, as the runner adds it
+        assert r["prefill"]["tokens"] == len(r["prompt_ids"]) and r["prefill"]["tokens_per_second"] > 0
+        assert r["finite_logits_checked"] == len(r["generated_ids"]) + SMOKE["n_steps"]
+    text = (entry / smoke.REPORT_MD).read_text()
+    first = report["prompts"][0]
+    assert "`twin.pte` through executorch.runtime on XnnpackBackend" in text
+    assert f"| {first['prompt']} | 1.000 | none |" in text
+    assert first["prompt"] + first["text"] in text
+
+
+def test_sampling_is_seeded(fp32, tmp_path):
+    generated = []
+    for run in ("a", "b"):
+        run_smoke(fp32, tmp_path / run, temperature=0.8, min_top1_agreement=0.0)
+        generated.append([r["generated_ids"] for r in read_json(tmp_path / run / smoke.REPORT_JSON)["prompts"]])
+    assert generated[0] == generated[1]
+
+
+def fails(inputs, out_dir, **overrides):
+    """The one-line message of the smoke stage's UserError."""
+    with pytest.raises(UserError) as error:
+        run_smoke(inputs, out_dir, **overrides)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_other_weights_than_the_checkpoints_fail_the_agreement_bar(fp32, tmp_path):
+    other = convert_entry(tmp_path / "other", tiny_weights(tiny_params(), seed=1))
+    message = fails({**fp32, "convert": other}, tmp_path / "smoke")
+    assert message.startswith(f"smoke.min_top1_agreement: prompt {SMOKE['prompts'][0]!r}: top-1 agreement with "
+                              "the fp32 reference is ")
+    assert message.endswith("below 1.0") and f"of {SMOKE['n_steps']} teacher-forced positions" in message
+
+
+def test_nan_logits_fail(tmp_path_factory, tmp_path):
+    message = fails(entries(tmp_path_factory, "nan"), tmp_path / "smoke")
+    assert message.startswith(f"smoke: prompt {SMOKE['prompts'][0]!r}: the program's logits hold NaN or inf at ")
+
+
+def test_one_token_over_and_over_fails(tmp_path_factory, tmp_path):
+    inputs = entries(tmp_path_factory, "zero-output")
+    message = fails(inputs, tmp_path / "smoke")
+    assert message == (f"smoke: prompt {SMOKE['prompts'][0]!r}: the generation repeats one token (0) "
+                       f"{SMOKE['n_steps']} times: the exported program is broken")
+    # It agrees with its reference, which repeats too: the repeat alone failed it.
+    assert read_json(tmp_path / "smoke" / smoke.REPORT_JSON)["summary"]["min_top1_agreement"] == 1.0
+
+
+def test_positions_past_the_kv_cache_window_are_refused(fp32, tmp_path):
+    message = fails(fp32, tmp_path / "smoke", n_steps=40)
+    assert message.startswith(f"smoke.n_steps: prompt {SMOKE['prompts'][0]!r} (")
+    assert message.endswith("the program keeps ane.cache_size=40")
+
+
+def test_a_runtime_with_core_ml_runs_model_pte():
+    assert smoke.choose_program(["XnnpackBackend", "CoreMLBackend"])["program"] == "model.pte"
+    assert smoke.choose_program(["XnnpackBackend"])["program"] == "twin.pte"
+
+
+def test_generated_text_cannot_close_its_fence():
+    assert smoke._fence("plain") == "```" and smoke._fence("a ```` b") == "`````"
+

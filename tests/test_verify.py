@@ -1,0 +1,122 @@
+import argparse
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from ane_build import verify
+from ane_build.errors import UserError
+from ane_build.stages import release
+from tests.stages.tiny_export import bundle
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    return bundle(tmp_path_factory)
+
+
+@pytest.fixture
+def copy(fresh, tmp_path):
+    """A copy of the bundle folder to tamper with."""
+    return shutil.copytree(fresh, tmp_path / fresh.name)
+
+
+def archive_of(folder):
+    """``folder`` archived as the release stage archives a bundle."""
+    return release.write_archive(folder, folder.with_name(folder.name + ".tar.gz"))
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(data)
+
+
+def run_main(bundle):
+    return verify.main(argparse.Namespace(bundle=str(bundle)))
+
+
+def test_a_fresh_bundle_and_its_archive_verify(fresh, capsys):
+    for target in (fresh, fresh.with_name(fresh.name + ".tar.gz")):
+        assert verify.verify(target) == []
+        assert run_main(target) == 0
+        assert capsys.readouterr().out == "ok: 4 files verified\n"
+
+
+TAMPERING = {  # case -> (what is done to the bundle folder, how the one problem starts)
+    "changed": (lambda b: flip_a_byte(b / "model.pte"), "model.pte: sha256 "),
+    "truncated": (lambda b: (b / "tokenizer.model").write_bytes(b"tok"),
+                  "tokenizer.model: 3 bytes; manifest.json says "),
+    "missing": (lambda b: (b / "smoke.md").unlink(), "smoke.md: missing"),
+    "extra": (lambda b: (b / "notes.txt").write_text("hi"), "notes.txt: present but not listed in manifest.json"),
+    "no manifest": (lambda b: (b / "manifest.json").unlink(), "manifest.json: missing"),
+    "bad manifest": (lambda b: (b / "manifest.json").write_text("[]"), "manifest.json: not a bundle manifest"),
+}
+
+
+@pytest.mark.parametrize("form", ["folder", "archive"])
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_tampering_is_found(copy, case, form):
+    tamper, start = TAMPERING[case]
+    tamper(copy)
+    problems = verify.verify(copy if form == "folder" else archive_of(copy))
+    assert len(problems) == 1 and problems[0].startswith(start), problems
+
+
+@pytest.mark.parametrize("where", [30, 0.5, -6])  # deflate blocks, a member's data, gzip's CRC
+def test_a_corrupt_archive_fails(fresh, tmp_path, where):
+    archive = tmp_path / f"{fresh.name}.tar.gz"
+    data = bytearray(fresh.with_name(archive.name).read_bytes())
+    data[int(len(data) * where) if isinstance(where, float) else where] ^= 1
+    archive.write_bytes(data)
+    [problem] = verify.verify(archive)
+    assert problem.startswith("not a readable .tar.gz (") or "sha256" in problem, problem
+
+
+def unsafe_archive(path, name, kind):
+    with tarfile.open(path, "w:gz") as tar:
+        member = tarfile.TarInfo(name)
+        member.type, member.linkname = kind, "/etc/passwd"
+        tar.addfile(member, io.BytesIO())
+    return path
+
+
+@pytest.mark.parametrize("name, kind, why", [
+    ("../evil", tarfile.REGTYPE, "its path leaves the archive"),
+    ("/tmp/evil", tarfile.REGTYPE, "its path leaves the archive"),
+    ("tiny-phone/link", tarfile.SYMTYPE, "not a plain file or folder"),
+])
+def test_unsafe_members_are_refused_before_anything_is_unpacked(tmp_path, name, kind, why):
+    (tmp_path / "in").mkdir()
+    archive = unsafe_archive(tmp_path / "in" / "x.tar.gz", name, kind)
+    assert verify.verify(archive) == [f"{name}: refused: {why}"]
+    assert not (tmp_path / "evil").exists()
+
+
+def test_main_names_the_first_problem_and_the_count(copy):
+    flip_a_byte(copy / "model.pte")
+    (copy / "smoke.md").unlink()
+    with pytest.raises(UserError) as error:
+        run_main(copy)
+    message = str(error.value)
+    assert message.startswith(f"{copy}: model.pte: sha256 ") and message.endswith(" (2 problems)")
+
+
+@pytest.mark.parametrize("what", ["nothing", "a file"])
+def test_not_a_bundle(tmp_path, what):
+    target = tmp_path / "bundle"
+    if what == "a file":
+        target.write_text("hi")
+    [problem] = verify.verify(target)
+    assert problem.startswith("expected a bundle folder or a .tar.gz file; ")
+
+
+def test_python_dash_m_exits_1_with_one_line_on_a_tampered_bundle(copy):
+    flip_a_byte(copy / "model.pte")
+    done = subprocess.run([sys.executable, "-m", "ane_build.verify", str(copy)], capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith(f"error: {copy}: model.pte: sha256 ") and done.stderr.count("\n") == 1
