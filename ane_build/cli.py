@@ -1,11 +1,11 @@
-"""The ``ane-build`` command: what is not a doit task (schema, status, export, run)."""
+"""The ``ane-build`` command: what is not a doit task (schema, status, export, run, verify)."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from ane_build import pipeline, recipe, schema
+from ane_build import pipeline, recipe, schema, verify
 from ane_build import export as export_cli
 from ane_build.errors import UserError
 from ane_build.runtime import cli as runtime_cli
@@ -41,6 +41,9 @@ def parser():
     exporter = sub.add_parser("export", help="export a .pte from -p/-c files (the seed export.py's flags)",
                               description=export_cli.__doc__)
     export_cli.add_arguments(exporter).set_defaults(func=export_cli.main)
+    checker = sub.add_parser("verify", help="check a release bundle against its manifest.json",
+                             description=verify.__doc__)
+    verify.add_arguments(checker).set_defaults(func=verify.main)
     run = sub.add_parser("run", help="generate text with an exported .pte (the seed run.py's flags)",
                          description=runtime_cli.__doc__)
     runtime_cli.add_arguments(run).set_defaults(func=runtime_cli.main)

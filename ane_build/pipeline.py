@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ane_build import keys
 from ane_build.errors import UserError
+from ane_build.recipe import recorded
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ STAGES = (
     Stage("rewrite", 1, ("ane",), ("convert",), ("stages/rewrite.py", "model/", "checkpoint/canonical.py")),
     Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/")),
     Stage("export", 1, ("export",), ("quantize",), ("stages/export.py", "model/io.py")),
+    Stage("smoke", 1, ("smoke",), ("export", "convert"),
+          ("stages/smoke.py", "runtime/", "model/", "checkpoint/canonical.py")),
+    Stage("release", 1, ("release",), ("export", "smoke"), ("stages/release.py", "verify.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -46,6 +50,9 @@ def key_params(stage, recipe, file_sha256):
 
         source = recipe["source"]
         return {"content": fetch.digest(source, file_sha256), "name": fetch.source_name(source)}
+    if stage.name == "release":
+        # The bundle's manifest records the whole recipe (name and device too), so it is keyed on it.
+        return {"recipe": recorded(recipe)}
     return {section: recipe[section] for section in stage.sections}
 
 
@@ -70,8 +77,13 @@ def naming_recipe(recipe):
         raise UserError(recipe["path"], str(e)) from None
 
 
-def run_params(stage, recipe):
-    """What the stage's ``run`` receives: the recipe sections it reads (one section: that mapping)."""
+def run_params(stage, recipe, planned=None):
+    """What the stage's ``run`` receives: the recipe sections it reads (one section: that mapping).
+
+    release gets the whole recipe and every stage key, for its manifest.
+    """
+    if stage.name == "release":
+        return {"recipe": recipe, "stage_keys": {name: key for name, (key, _) in planned.items()}}
     slices = {section: recipe[section] for section in stage.sections}
     return next(iter(slices.values())) if len(slices) == 1 else slices
 
@@ -81,8 +93,17 @@ def build(store, recipe, stage_name, planned):
     stage = BY_NAME[stage_name]
     key, key_inputs = planned[stage_name]
     inputs = {up: store.entry(up, planned[up][0]) for up in stage.upstream}
-    params = run_params(stage, recipe)
+    params = run_params(stage, recipe, planned)
     with naming_recipe(recipe):
         entry, built = store.build(stage.name, key, key_inputs, lambda out: stage.module.run(inputs, params, out))
-    store.link_view(recipe["name"], stage.name, key)
+    link_views(store, recipe["name"], stage.name, key)
     return entry, built
+
+
+def link_views(store, recipe_name, stage_name, key):
+    """``artifacts/recipes/<recipe>/<stage>``, and for release ``artifacts/release/<recipe>`` (the bundle)."""
+    store.link_view(recipe_name, stage_name, key)
+    if stage_name == "release":
+        entry = store.entry(stage_name, key)
+        bundle = next(p for p in entry.iterdir() if p.is_dir())
+        store.link(store.root / "release" / recipe_name, bundle)

@@ -5,6 +5,7 @@ A recipe's name is its path under the recipes folder without ``.yaml``
 Files under ``recipes/_base/`` are bases to extend, not recipes to build.
 """
 
+import copy
 import os
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def validate(data, where):
     recipe["source"] = {k: v for k, v in recipe["source"].items() if v is not None}
     _check_rules(recipe, where)
     return recipe
+
+
+def recorded(recipe):
+    """The recipe as the manifest records it (and the stage key should hash it): without where it
+    was read from on this host (its ``path``, a local source's folder), so the same recipe gives
+    the same manifest on every machine. A local source's content is pinned by the fetch key."""
+    recorded = copy.deepcopy({k: v for k, v in recipe.items() if k != "path"})
+    if "path" in recorded["source"]:
+        recorded["source"]["path"] = Path(recorded["source"]["path"]).name
+    return recorded
 
 
 def _display(path):

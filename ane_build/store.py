@@ -123,13 +123,16 @@ class Store:
         return entry
 
     def link_view(self, recipe_name, stage, key):
-        """Point ``<root>/recipes/<recipe>/<stage>`` at the entry (a relative symlink)."""
-        link = self.root / "recipes" / recipe_name / stage
-        target = os.path.relpath(self.entry(stage, key), link.parent)
+        """Point ``<root>/recipes/<recipe>/<stage>`` at the entry."""
+        self.link(self.root / "recipes" / recipe_name / stage, self.entry(stage, key))
+
+    def link(self, link, target):
+        """Make ``link`` a relative symlink to ``target``, replacing what was there atomically."""
+        target = os.path.relpath(target, link.parent)
         if link.is_symlink() and os.readlink(link) == target:
             return
         link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.with_name(f".{stage}.{os.getpid()}")
+        tmp = link.with_name(f".{link.name}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
         os.replace(tmp, link)

@@ -65,7 +65,7 @@ def _task(store, rec, stage, planned, problem):
 def _uptodate(task, values, store, recipe_name, stage_name, key):
     if key is None or values.get("key") != key or not store.is_valid(stage_name, key):
         return False
-    store.link_view(recipe_name, stage_name, key)  # repair a deleted view; cheap
+    pipeline.link_views(store, recipe_name, stage_name, key)  # repair a deleted view; cheap
     return True
 
 
@@ -85,9 +85,9 @@ def _run(store, rec, stage_name, planned, problem):
 def _clean(store, recipe_name, stage_name, key):
     if key is not None:
         store.remove(stage_name, key)
-    link = store.root / "recipes" / recipe_name / stage_name
-    if link.is_symlink():
-        os.unlink(link)
+    for link in (store.root / "recipes" / recipe_name / stage_name, store.root / stage_name / recipe_name):
+        if link.is_symlink():
+            os.unlink(link)
 
 
 class Reporter(ConsoleReporter):

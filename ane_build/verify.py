@@ -51,7 +51,9 @@ def check_folder(folder):
     if problem:
         return 0, [problem]
     problems = [p for rel, meta in sorted(listed.items()) if (p := check_file(folder, rel, meta))]
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
+    # The bundle's own archive sits beside the files it packs (a release folder holds both).
+    own_archive = folder.resolve().name + ARCHIVE_SUFFIX
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST, own_archive}
     problems += [f"{rel}: present but not listed in {MANIFEST}" for rel in sorted(present - set(listed))]
     return len(listed), problems
 

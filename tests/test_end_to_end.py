@@ -35,7 +35,8 @@ def built(tmp_path_factory, smollm2_gguf):
 @pytest.mark.slow
 def test_default_build_runs_every_stage_of_the_default_recipe(built):
     _, first, _ = built
-    assert [name.split(":")[0] for name in executed(first)] == ["fetch", "convert", "rewrite", "quantize", "export"]
+    assert [name.split(":")[0] for name in executed(first)] == [
+        "fetch", "convert", "rewrite", "quantize", "export", "smoke", "release"]
 
 
 @pytest.mark.slow
@@ -54,3 +55,25 @@ def test_default_export_is_one_fully_delegated_core_ml_program_with_a_twin(built
 def test_a_second_doit_executes_nothing(built):
     _, _, doit = built
     assert executed(doit()) == []
+
+
+@pytest.mark.slow
+def test_smoke_passed_with_english_text_and_speeds(built):
+    artifacts, _, _ = built
+    report = json.loads((artifacts / "recipes" / RECIPE / "smoke" / "smoke.json").read_text())
+    assert report["runtime"]["program"] == "twin.pte"  # Linux: no Core ML backend
+    for result in report["prompts"]:
+        assert len(result["text"].split()) >= 10 and result["text"].isascii()
+    assert report["summary"]["decode_tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_release_bundle_verifies(built):
+    artifacts, _, _ = built
+    bundle = artifacts / "release" / RECIPE
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.pte", "tokenizer.json", "manifest.json", "smoke.md", "smollm2-135m-iphone15pro.tar.gz"} <= names
+    for target in (bundle, bundle / "smollm2-135m-iphone15pro.tar.gz"):
+        proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "verify", str(target)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith("ok: "), proc.stderr

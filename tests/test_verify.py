@@ -40,7 +40,7 @@ def run_main(bundle):
 
 
 def test_a_fresh_bundle_and_its_archive_verify(fresh, capsys):
-    for target in (fresh, fresh.with_name(fresh.name + ".tar.gz")):
+    for target in (fresh, fresh / f"{fresh.name}.tar.gz"):  # the release folder holds its archive
         assert verify.verify(target) == []
         assert run_main(target) == 0
         assert capsys.readouterr().out == "ok: 4 files verified\n"
@@ -69,7 +69,7 @@ def test_tampering_is_found(copy, case, form):
 @pytest.mark.parametrize("where", [30, 0.5, -6])  # deflate blocks, a member's data, gzip's CRC
 def test_a_corrupt_archive_fails(fresh, tmp_path, where):
     archive = tmp_path / f"{fresh.name}.tar.gz"
-    data = bytearray(fresh.with_name(archive.name).read_bytes())
+    data = bytearray((fresh / archive.name).read_bytes())
     data[int(len(data) * where) if isinstance(where, float) else where] ^= 1
     archive.write_bytes(data)
     [problem] = verify.verify(archive)

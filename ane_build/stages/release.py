@@ -1,6 +1,6 @@
 """release: export + smoke entries -> the per-device bundle, as a folder and as a ``.tar.gz``.
 
-The entry holds ``<name>/`` and ``<name>.tar.gz`` (the same folder). The bundle is a folder
+The entry holds ``<name>/``, with ``<name>.tar.gz`` (the same files) inside it. The bundle is a folder
 inside the entry, not the entry itself, because the store writes its own ``manifest.json`` at
 the entry's top. It holds what a device app needs and what tells how it was made:
 
@@ -19,7 +19,6 @@ The archive is the same bytes for the same files (sorted members, no host times,
 modes, gzip without a time or file name), so a rebuild can be checked against a release.
 """
 
-import copy
 import gzip
 import json
 import shutil
@@ -27,6 +26,7 @@ import tarfile
 from pathlib import Path
 
 from ane_build import keys
+from ane_build.recipe import recorded
 from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.stages import smoke
@@ -40,7 +40,7 @@ FROM_SMOKE = (smoke.REPORT_MD,)
 def run(inputs, params, out_dir):
     """inputs: {"export": dir, "smoke": dir}; params: {"recipe": the resolved recipe, "stage_keys": {stage: key}}."""
     export_dir, smoke_dir, out_dir = Path(inputs["export"]), Path(inputs["smoke"]), Path(out_dir)
-    recipe = recorded_recipe(params["recipe"])
+    recipe = recorded(params["recipe"])
     name = bundle_name(recipe)
     bundle = out_dir / name
     bundle.mkdir()
@@ -59,19 +59,10 @@ def run(inputs, params, out_dir):
         "smoke": smoke_summary,
     }
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    archive = write_archive(bundle, out_dir / (name + ARCHIVE_SUFFIX))
+    # Packed before it joins the folder, which then holds everything a release folder shows.
+    archive = write_archive(bundle, out_dir / (name + ARCHIVE_SUFFIX)).rename(bundle / (name + ARCHIVE_SUFFIX))
     return {"bundle": name, "files": len(files) + 1, "bytes": sum(f["size"] for f in files.values()),
             "archive_bytes": archive.stat().st_size}
-
-
-def recorded_recipe(recipe):
-    """The recipe as the manifest records it (and the stage key should hash it): without where it
-    was read from on this host (its ``path``, a local source's folder), so the same recipe gives
-    the same manifest on every machine. A local source's content is pinned by the fetch key."""
-    recorded = copy.deepcopy({k: v for k, v in recipe.items() if k != "path"})
-    if "path" in recorded["source"]:
-        recorded["source"]["path"] = Path(recorded["source"]["path"]).name
-    return recorded
 
 
 def bundle_name(recipe):

@@ -22,8 +22,8 @@ def inputs(built):
 
 
 def test_the_bundle_holds_what_the_device_needs_and_no_twin(built):
-    assert sorted(p.name for p in built["release"].iterdir()) == [NAME, f"{NAME}.tar.gz"]
-    assert sorted(p.name for p in (built["release"] / NAME).iterdir()) == FILES
+    assert sorted(p.name for p in built["release"].iterdir()) == [NAME]
+    assert sorted(p.name for p in (built["release"] / NAME).iterdir()) == sorted([*FILES, f"{NAME}.tar.gz"])
     assert (built["release"] / NAME / "model.pte").read_bytes() == CORE_ML_STAND_IN
 
 
@@ -49,11 +49,12 @@ def test_the_manifest_records_the_recipe_without_host_paths(built):
 
 def test_the_archive_is_the_same_bytes_every_time(built, inputs, tmp_path):
     run_release(inputs, tmp_path / "again")
-    assert (tmp_path / "again" / f"{NAME}.tar.gz").read_bytes() == (built["release"] / f"{NAME}.tar.gz").read_bytes()
+    assert (tmp_path / "again" / NAME / f"{NAME}.tar.gz").read_bytes() == \
+        (built["release"] / NAME / f"{NAME}.tar.gz").read_bytes()
 
 
 def test_the_archive_is_the_bundle_folder_without_host_details(built):
-    archive = built["release"] / f"{NAME}.tar.gz"
+    archive = built["release"] / NAME / f"{NAME}.tar.gz"
     assert archive.read_bytes()[4:8] == bytes(4)  # gzip's mtime
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
@@ -65,7 +66,7 @@ def test_the_archive_is_the_bundle_folder_without_host_details(built):
 def test_release_name_names_the_bundle(inputs, tmp_path):
     run_release(inputs, tmp_path / "named", tiny_recipe(name="tiny-1.0"))
     assert read_json(tmp_path / "named" / "tiny-1.0" / "manifest.json")["bundle"] == "tiny-1.0"
-    assert (tmp_path / "named" / "tiny-1.0.tar.gz").is_file()
+    assert (tmp_path / "named" / "tiny-1.0" / "tiny-1.0.tar.gz").is_file()
 
 
 def test_a_release_name_that_is_a_path_is_refused(inputs, tmp_path):
