@@ -2,12 +2,12 @@
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from ane_build import pipeline, recipe, schema, verify
+from ane_build import command, pipeline, recipe, schema, verify
 from ane_build import export as export_cli
-from ane_build.errors import UserError
 from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
 
@@ -52,12 +52,9 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("ane_build").setLevel(logging.INFO)
+    return command.report_errors(args.func, args) or 0
 
 
 if __name__ == "__main__":

@@ -6,15 +6,13 @@ given as ``-p params.json -c checkpoint``, in a scratch folder, and writes the C
 ``--decode_method`` the program has the seed's single ``forward`` method.
 """
 
-import argparse
-import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from ane_build import recipe
+from ane_build import command, recipe
 from ane_build.checkpoint import canonical, jsonfiles, meta
 from ane_build.errors import UserError
 
@@ -139,15 +137,7 @@ def main(args):
 
 
 def entry(argv=None):
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m ane_build.export", description=__doc__))
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("ane_build").setLevel(logging.INFO)
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return command.run("python -m ane_build.export", __doc__, add_arguments, main, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the same way; an archive with a member that is not a plain file or folder, or wh
 the archive (absolute, or through ".."), is refused before anything is unpacked.
 """
 
-import argparse
 import gzip
 import json
 import logging
@@ -17,6 +16,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from ane_build import command
 from ane_build.errors import UserError
 from ane_build.filehash import CHUNK, sha256_file
 
@@ -148,14 +148,7 @@ def main(args):
 
 
 def entry(argv=None):
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m ane_build.verify", description=__doc__))
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return command.run("python -m ane_build.verify", __doc__, add_arguments, main, argv)
 
 
 if __name__ == "__main__":
