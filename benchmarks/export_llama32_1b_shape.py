@@ -1,0 +1,63 @@
+"""Export of a Llama-3.2-1B-shaped checkpoint (random weights) with the iPhone 15 Pro settings.
+
+    python benchmarks/export_llama32_1b_shape.py [--out DIR]
+
+dim 2048, 16 layers, 32 heads, 8 KV heads, hidden 8192, vocab 128256, rope theta
+500000 with Llama 3 scaling, tied embeddings. Reports wall time and peak RSS of
+`python -m ane_build.export` (one process, wait4), which must fit this 24 GiB machine.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PARAMS = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "head_dim": 64, "hidden_dim": 8192,
+          "vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+          "rope_scale_factor": 32.0, "high_freq_factor": 4.0}
+SETTINGS = ["--seq_length", "64", "--max_seq_length", "1024", "--use_cache_list", "--target_split_size", "1024",
+            "--max_splits", "8", "--coreml-quantize", "c4w", "--dtype", "fp16"]
+
+
+def write_checkpoint(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    from ane_build.checkpoint import canonical
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, shape in canonical.expected_shapes(PARAMS).items():
+        if name == "output.weight":
+            continue  # tied: the export reuses the embedding
+        scale = 1.0 if name.endswith("norm.weight") else shape[-1] ** -0.5
+        weights[name] = (torch.randn(shape, generator=gen) * scale).to(torch.float16)
+    save_file(weights, str(folder / "model.safetensors"))
+    (folder / "params.json").write_text(json.dumps(PARAMS))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="llama1b-bench-")))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(args.out)
+    cmd = [sys.executable, "-m", "ane_build.export", "-p", str(args.out / "params.json"),
+           "-c", str(args.out / "model.safetensors"), "-n", str(args.out / "llama1b.pte"), *SETTINGS]
+    start = time.perf_counter()
+    with open(args.out / "export.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    print("| Llama-3.2-1B-shaped export | wall (s) | peak RSS (GB) | exit |")
+    print("|---|---|---|---|")
+    print(f"| ane-build export, iPhone 15 Pro settings | {wall:.0f} | {usage.ru_maxrss / 2**20:.2f} | "
+          f"{os.waitstatus_to_exitcode(status)} |")
+
+
+if __name__ == "__main__":
+    main()
