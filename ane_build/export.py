@@ -102,6 +102,7 @@ def _load_weights(path):
 def export(args):
     """Run rewrite -> quantize -> export on the flags' checkpoint; returns the written .pte path."""
     from ane_build import pipeline
+    from ane_build.lowering import release_memory
 
     rec = recipe_from_flags(args)
     output = Path(args.output_name)
@@ -110,6 +111,8 @@ def export(args):
         entries["convert"].mkdir()
         checkpoint_folder(args.params, args.checkpoint, entries["convert"])
         for name in ("rewrite", "quantize", "export"):
+            # One process runs every stage: each starts with what the last one freed handed back.
+            release_memory()
             stage = pipeline.BY_NAME[name]
             entries[name] = Path(scratch) / name
             entries[name].mkdir()

@@ -11,9 +11,11 @@
   kernel, so the dequantization of the constant weights is folded into constants first.
 
 Both carry the runner metadata (``io.runner_metadata``) as constant methods.
+
+Each lowering starts from the programs as loaded from the quantize entry and runs under
+``lean_lowering``: ExecuTorch's own lowering, same output, in less time and memory.
 """
 
-import copy
 import json
 import logging
 import operator
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ane_build.errors import UserError
+from ane_build.lowering import copy_sharing_weights, lean_lowering, release_memory
 from ane_build.model import io
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
 
@@ -92,7 +95,9 @@ def lower_coreml(programs, settings, dtype, metadata):
     # buffer for Core ML to take over, as in the seed.
     partitioner = CoreMLPartitioner(compile_specs=compile_specs, take_over_mutable_buffer=False,
                                     skip_ops_for_coreml_delegation=[])
-    return to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata)
+    with lean_lowering():
+        return to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata,
+                                           compile_config=_edge_config())
 
 
 def lower_twin(programs, metadata):
@@ -109,7 +114,6 @@ def lower_twin(programs, metadata):
     cores (0.3 s with every op on XNNPACK, 12 s with none).
     """
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import (
         constant_prop_pass,
@@ -118,19 +122,57 @@ def lower_twin(programs, metadata):
 
     skip = get_default_skip_targets_no_quant()
     folded = {m: constant_prop_pass(ep, custom_skip_targets=skip) for m, ep in programs.items()}
-    partitioner = XnnpackPartitioner(configs=[LinearConfig])
-    return to_edge_transform_and_lower(folded, partitioner=[partitioner], constant_methods=metadata)
+    with lean_lowering():
+        return to_edge_transform_and_lower(folded, partitioner=[_linears_partitioner()(configs=[LinearConfig])],
+                                           constant_methods=metadata, compile_config=_edge_config())
 
 
-def write_pte(manager, path):
-    """Serialize an EdgeProgramManager with the seed's ExecuTorch settings; returns the file size."""
+def _edge_config():
+    """ExecuTorch's default without its IR checks: they run the graph on fake tensors for every
+    program built (seconds each) and change nothing in it."""
+    from executorch.exir import EdgeCompileConfig
+
+    return EdgeCompileConfig(_check_ir_validity=False)
+
+
+def _linears_partitioner():
+    """XnnpackPartitioner, dropping its per-node check of the ops to keep whole when it passes them all.
+
+    With a check, ExecuTorch keeps those ops (linear) through two extra decompositions of the
+    whole program; without, by leaving them out of its decomposition table. Same nodes kept
+    when every candidate passes, so then the cheap way is taken."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class LinearsPartitioner(XnnpackPartitioner):
+        def ops_to_not_decompose(self, ep):
+            ops, check = super().ops_to_not_decompose(ep)
+            candidates = [n for n in ep.graph.nodes if n.op == "call_function" and n.target in ops]
+            return (ops, None) if check is not None and all(map(check, candidates)) else (ops, check)
+
+    return LinearsPartitioner
+
+
+def write_pte(manager, path, quant_fusion=True):
+    """Serialize an EdgeProgramManager with the seed's ExecuTorch settings; returns the file size.
+
+    ``quant_fusion=False`` (the twin): when no quantized op is left, ExecuTorch's quant fusion
+    would only search the whole graph for its patterns (seconds); the constant propagation
+    it comes with runs alone, and the program written is the same.
+    """
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    programs = [manager.exported_program(method) for method in manager.methods]
+    quant_fusion = quant_fusion or any(getattr(node.target, "namespace", None) in ("quantized_decomposed", "torchao")
+                                       for ep in programs for node in ep.graph.nodes)
+    if not quant_fusion:
+        for ep in programs:
+            constant_prop_pass(ep)
     program = manager.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
-        do_quant_fusion_and_const_prop=True,
+        do_quant_fusion_and_const_prop=quant_fusion,
         # Inputs are the caller's memory (its caches), not planned into the arena.
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
@@ -207,8 +249,9 @@ def run(inputs, params, out_dir):
     settings = resolve(params, spec)
     metadata = io.runner_metadata(spec)
     programs = load_programs(quant_dir, spec)
-    # Lowering rewrites programs in place; the twin starts from an untouched copy of the same ones.
-    twin_programs = copy.deepcopy(programs)
+    # Lowering edits the programs it is given (it drops the constants it delegates): the twin
+    # lowers copies of the same programs, made first, sharing their weights.
+    twin_programs = {method: copy_sharing_weights(ep) for method, ep in programs.items()}
 
     started = time.time()
     log.info("lowering %s to Core ML (%s, %s, %s)", ", ".join(programs),
@@ -223,11 +266,17 @@ def run(inputs, params, out_dir):
     pte_bytes = write_pte(coreml, out_dir / MODEL_FILE)
     coreml_seconds = time.time() - started
     del coreml, programs
+    release_memory()
 
     started = time.time()
     log.info("lowering the CPU twin (XNNPACK linears)")
-    twin_bytes = write_pte(lower_twin(twin_programs, metadata), out_dir / TWIN_FILE)
+    twin = lower_twin(twin_programs, metadata)
+    del twin_programs
+    release_memory()  # the folded programs' leftovers, before serializing
+    twin_bytes = write_pte(twin, out_dir / TWIN_FILE, quant_fusion=False)  # dequantizations all folded
     twin_seconds = time.time() - started
+    del twin
+    release_memory()
 
     io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
     io.write_spec({**spec, "export": settings, "metadata": metadata}, out_dir)

@@ -1,0 +1,85 @@
+"""Each patch of ``lean_lowering`` answers as the ExecuTorch / torch code it stands in for."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from executorch.exir.backend.canonical_partitioners import group_partitioner
+from torch.fx.passes.tools_common import legalize_graph
+
+from ane_build import lowering
+from ane_build.model import io
+from ane_build.stages import export
+from tests.stages.tiny_entries import ane, build
+
+
+class Branchy(torch.nn.Module):
+    """Diamonds, a shared input and an unused branch: partitioners' dependency questions differ per node."""
+
+    def forward(self, x, y):
+        a = x.sin() + y
+        b = a.cos() * x
+        c = (a + b).relu()
+        unused = y.exp()  # noqa: F841 - a node with no users
+        return c - b, a.sum()
+
+
+@pytest.fixture(scope="module")
+def graph_module():
+    return torch.export.export(Branchy(), (torch.randn(4), torch.randn(4))).graph_module
+
+
+def test_dependency_viewer_answers_as_executorchs(graph_module):
+    ours, theirs = lowering._DependencyViewer(graph_module), group_partitioner._DependencyViewer(graph_module)
+    for node in graph_module.graph.nodes:
+        assert set(ours.downstreams_of(node)) == theirs.downstreams_of(node), node
+        assert set(ours.upstreams_of(node)) == theirs.upstreams_of(node), node
+        assert len(ours.downstreams_of(node)) == len(theirs.downstreams_of(node))
+        for other in graph_module.graph.nodes:
+            assert (other in ours.downstreams_of(node)) == (other in theirs.downstreams_of(node))
+    assert any(theirs.downstreams_of(n) for n in graph_module.graph.nodes)  # the graph has dependencies
+
+
+def test_in_place_sort_orders_as_legalize_graph(graph_module):
+    def shuffled():  # every other op moved to the end: out of order, as a partition cut leaves a graph
+        gm = copy.deepcopy(graph_module)
+        for node in [n for n in gm.graph.nodes if n.op == "call_function"][::2]:
+            gm.graph.output_node().prepend(node)
+        return gm
+
+    expected, ours = legalize_graph(shuffled()), shuffled()
+    lowering._topological_sort_in_place(ours.graph)
+    assert [n.name for n in ours.graph.nodes] == [n.name for n in expected.graph.nodes]
+    assert [n.name for n in ours.graph.nodes] != [n.name for n in shuffled().graph.nodes]
+    ours.graph.lint()
+
+
+def test_copy_shares_weights_and_nothing_else():
+    from torch.export import export as torch_export
+
+    program = torch_export(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
+    copied = lowering.copy_sharing_weights(program)
+    assert copied.graph_module is not program.graph_module
+    assert all(copied.state_dict[k] is program.state_dict[k] for k in program.state_dict)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_lean_lowering_writes_the_same_programs(tmp_path, monkeypatch, dtype):
+    """With and without the patches: the same twin, byte for byte, and the same Core ML
+    partitioning and size (its payload names the model by a fresh UUID each time)."""
+    entries, _ = build(tmp_path, "quantize", ane_params=ane(dtype=dtype, decode_method=True))
+    spec = io.read_spec(entries["quantize"])
+    metadata, settings = io.runner_metadata(spec), export.resolve({}, spec)
+
+    def lowered(name):
+        programs = export.load_programs(entries["quantize"], spec)
+        coreml = export.lower_coreml(programs, settings, dtype, metadata)
+        twin = export.lower_twin(export.load_programs(entries["quantize"], spec), metadata)
+        sizes = [export.write_pte(coreml, tmp_path / f"{name}.pte"),
+                 export.write_pte(twin, tmp_path / f"{name}.twin.pte", quant_fusion=False)]
+        return export.delegation_report(coreml), sizes, (tmp_path / f"{name}.twin.pte").read_bytes()
+
+    lean = lowered("lean")
+    monkeypatch.setattr(export, "lean_lowering", contextlib.nullcontext)
+    assert lowered("stock") == lean
