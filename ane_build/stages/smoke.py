@@ -159,15 +159,26 @@ def check(result, params):
     prompt, generated = result["prompt"], result["generated_ids"]
     if not generated:
         raise UserError("smoke", f"prompt {prompt!r}: the generation is empty (its first token is a stop token)")
-    if len(generated) > 1 and len(set(generated)) == 1:
-        raise UserError("smoke", f"prompt {prompt!r}: the generation repeats one token ({generated[0]}) "
-                                 f"{len(generated)} times: the exported program is broken")
+    tail = repeating_tail(generated)
+    if tail:
+        raise UserError("smoke", f"prompt {prompt!r}: the generation ends in one token ({tail[0]}) repeated "
+                                 f"{tail[1]} times, of {len(generated)} generated: the exported program is broken")
     if result["top1_agreement"] < params["min_top1_agreement"]:
         raise UserError("smoke.min_top1_agreement",
                         f"prompt {prompt!r}: top-1 agreement with the fp32 reference is "
                         f"{result['top1_agreement']:.3f} ({result['agreeing_positions']} of {params['n_steps']} "
                         f"teacher-forced positions, first divergence at {result['first_divergence']}), below "
                         f"{params['min_top1_agreement']}")
+
+
+def repeating_tail(generated):
+    """(token, times) when the generation ends in one token repeated over at least half of it.
+
+    A model that falls into that loop under greedy decoding has lost its way, whatever its
+    agreement on the positions before."""
+    token = generated[-1]
+    times = next((i for i, t in enumerate(reversed(generated)) if t != token), len(generated))
+    return (token, times) if times > 1 and 2 * times >= len(generated) else None
 
 
 def markdown(report):

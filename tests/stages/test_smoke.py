@@ -67,10 +67,29 @@ def test_nan_logits_fail(tmp_path_factory, tmp_path):
 def test_one_token_over_and_over_fails(tmp_path_factory, tmp_path):
     inputs = entries(tmp_path_factory, "zero-output")
     message = fails(inputs, tmp_path / "smoke")
-    assert message == (f"smoke: prompt {SMOKE['prompts'][0]!r}: the generation repeats one token (0) "
-                       f"{SMOKE['n_steps']} times: the exported program is broken")
+    assert message == (f"smoke: prompt {SMOKE['prompts'][0]!r}: the generation ends in one token (0) repeated "
+                       f"{SMOKE['n_steps']} times, of {SMOKE['n_steps']} generated: the exported program is broken")
     # It agrees with its reference, which repeats too: the repeat alone failed it.
     assert read_json(tmp_path / "smoke" / smoke.REPORT_JSON)["summary"]["min_top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize(("generated", "tail"), [
+    ([5, 7, 9, 3, 3, 3], (3, 3)),  # half of it one token: degenerate
+    ([5, 3, 3, 3, 3, 3], (3, 5)),
+    ([4, 4], (4, 2)),
+    ([5, 7, 9, 8, 3, 3], None),  # a doubled token at the end is English ("...ll")
+    ([3, 3, 5, 7], None),
+    ([3], None),
+])
+def test_a_generation_ending_in_one_repeated_token_is_degenerate(generated, tail):
+    assert smoke.repeating_tail(generated) == tail
+
+
+def test_a_degenerate_tail_fails_even_with_agreement():
+    result = {"prompt": "p", "generated_ids": [11, 12, 13, 14, 9, 9, 9, 9], "top1_agreement": 1.0}
+    with pytest.raises(UserError, match=r"^smoke: prompt 'p': the generation ends in one token \(9\) repeated 4 "
+                                        r"times, of 8 generated: the exported program is broken$"):
+        smoke.check(result, {"min_top1_agreement": 0.5})
 
 
 def test_positions_past_the_kv_cache_window_are_refused(fp32, tmp_path):
