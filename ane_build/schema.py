@@ -58,6 +58,8 @@ SCHEMA = {
         "linear": Field(str, "c4w", choices=("none", "c4w", "b4w"),
                         help="4-bit weights per channel (c4w) or per block (b4w)"),
         "group_size": Field(int, 32, minimum=1, help="b4w block size along in_features"),
+        "mapping": Field(str, "symmetric", choices=("symmetric", "asymmetric"),
+                         help="linear weights: a scale per channel/block (the seed's), or a scale and a zero point"),
         "embedding": Field(str, None, pattern=r"^(4|8),\d+$", nullable=True,
                            help="'bits,group' (bits 4 or 8; group 0 = per channel)"),
     },

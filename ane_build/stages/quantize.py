@@ -1,10 +1,11 @@
 """quantize: rewrite entry + recipe ``quantize:`` -> ``torch.export`` programs with quantized weights.
 
-Weights are quantized with torchao as the seed export does (weight-only, symmetric; the
-Core ML converter turns torchao's ``dequantize_affine`` into its constexpr ops). One
-program per method: ``forward.pt2`` (seq_length tokens) and, when ``ane.decode_method``
-is set, ``decode.pt2`` (one token). The entry carries ``spec.json`` (with a ``quantize``
-section added) and the tokenizer forward, so the export stage reads only this entry.
+Weights are quantized with torchao as the seed export does (weight-only; symmetric unless
+``quantize.mapping`` asks for a zero point too; the Core ML converter turns torchao's
+``dequantize_affine`` into its constexpr ops). One program per method: ``forward.pt2``
+(seq_length tokens) and, when ``ane.decode_method`` is set, ``decode.pt2`` (one token). The
+entry carries ``spec.json`` (with a ``quantize`` section added) and the tokenizer forward, so
+the export stage reads only this entry.
 """
 
 import logging
@@ -20,6 +21,7 @@ from ane_build.model import io
 
 log = logging.getLogger(__name__)
 LINEAR_KINDS = ("none", "c4w", "b4w")
+MAPPINGS = ("symmetric", "asymmetric")
 FLOAT_BITS = {"fp16": 16, "fp32": 32}
 
 
@@ -31,7 +33,11 @@ def resolve(params):
     group_size = params.get("group_size", 32)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise UserError("", f"quantize.group_size={group_size!r}: expected a positive integer")
-    return {"linear": linear, "group_size": group_size, "embedding": _embedding_spec(params.get("embedding"))}
+    mapping = params.get("mapping", "symmetric")
+    if mapping not in MAPPINGS:
+        raise UserError("", f"quantize.mapping={mapping!r}: expected one of {', '.join(MAPPINGS)}")
+    return {"linear": linear, "group_size": group_size, "mapping": mapping,
+            "embedding": _embedding_spec(params.get("embedding"))}
 
 
 def _embedding_spec(text):
@@ -80,7 +86,7 @@ def _check_divisible(model, settings):
 
 def _quantize(model, settings):
     from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType, quantize_
 
     if settings["embedding"]:
         bits, group = settings["embedding"]["bits"], settings["embedding"]["group"]
@@ -90,7 +96,8 @@ def _quantize(model, settings):
     if settings["linear"] != "none":
         granularity = PerGroup(settings["group_size"]) if settings["linear"] == "b4w" else PerAxis(0)
         # quantize_'s default filter takes every nn.Linear: the split chunks and the LM head too.
-        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity))
+        mapping = MappingType[settings["mapping"].upper()]
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity, mapping_type=mapping))
 
 
 def weight_groups(model, settings, dtype):

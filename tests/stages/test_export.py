@@ -23,10 +23,11 @@ BUILDS = {
     **MATRIX,
     "fp16-c4w-list-decode": {"ane_params": ane(target_split_size=512, decode_method=True),
                              "model_params": WIDE},
+    "fp16-c4w-asym-list": {"quantize_params": {"linear": "c4w", "mapping": "asymmetric"}},
     # The build above without its decode method: what a second method costs.
     "fp16-c4w-list-wide": {"ane_params": ane(target_split_size=512), "model_params": WIDE},
 }
-DELEGATED = [*MATRIX, "fp16-c4w-list-decode"]
+DELEGATED = [*MATRIX, "fp16-c4w-list-decode", "fp16-c4w-asym-list"]
 # fp32 agrees to ~1e-5. In fp16 XNNPACK and eager torch round differently: ~1e-2 apart on
 # the wide model's logits, while eager fp16 itself is ~0.25 from eager fp32 there.
 TOLERANCE = {"fp16": 2e-2, "fp32": 1e-4}

@@ -41,6 +41,21 @@ def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_pat
             assert g.shape == w.shape and torch.equal(g, w), method
 
 
+@pytest.mark.parametrize("linear", ["c4w", "b4w"])
+def test_asymmetric_mapping_adds_zero_points_and_fits_closer(rewritten, linear):
+    def quantized(mapping):
+        model = quantize.io.load_model(rewritten)
+        quantize._quantize(model, quantize.resolve({"linear": linear, "mapping": mapping}))
+        return model.layers[0].feed_forward.w2.weight
+
+    weight = quantize.io.load_model(rewritten).layers[0].feed_forward.w2.weight.float()
+    symmetric, asymmetric = quantized("symmetric"), quantized("asymmetric")
+    assert not symmetric.zero_point.any() and asymmetric.zero_point.any()
+    error = {name: (w.dequantize().float() - weight).pow(2).sum() for name, w in
+             (("symmetric", symmetric), ("asymmetric", asymmetric))}
+    assert error["asymmetric"] < error["symmetric"]
+
+
 def test_ideal_size_counts_each_weight_at_its_bits(rewritten, tmp_path):
     p = tiny_params()
     linear = p["n_layers"] * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128) + 320 * 64
@@ -56,6 +71,7 @@ def test_ideal_size_counts_each_weight_at_its_bits(rewritten, tmp_path):
     ({"linear": "b4w", "group_size": 48},
      ["quantize.group_size=48", "in_features=64", "layers.0.attention.wq"]),
     ({"linear": "c5w"}, ["quantize.linear='c5w'"]),
+    ({"mapping": "affine"}, ["quantize.mapping='affine'", "symmetric, asymmetric"]),
     ({"embedding": "4"}, ["quantize.embedding='4'"]),
     ({"embedding": "3,32"}, ["quantize.embedding='3,32'"]),
     ({"embedding": "4,x"}, ["quantize.embedding='4,x'"]),
