@@ -37,20 +37,23 @@ def lean_lowering():
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
-    stale = []
+    stale = {}  # id -> graph module sorted since its code was last generated
 
     def legalize_in_place(graph_module):
         _topological_sort_in_place(graph_module.graph)
-        stale.append(graph_module)
+        stale[id(graph_module)] = graph_module
         return graph_module
+
+    def recompile_stale():
+        while stale:
+            stale.popitem()[1].recompile()
 
     def recompiling(create_partitions):
         def wrapper(*args, **kwargs):
             try:
                 return create_partitions(*args, **kwargs)
             finally:
-                while stale:
-                    stale.pop().recompile()
+                recompile_stale()
         return wrapper
 
     patches = [(fx_partitioner, "_DependencyViewer", _DependencyViewer),
@@ -64,8 +67,7 @@ def lean_lowering():
             if hasattr(owner, name):
                 stack.enter_context(unittest.mock.patch.object(owner, name, new))
         yield
-        while stale:
-            stale.pop().recompile()
+        recompile_stale()
 
 
 def copy_sharing_weights(program):

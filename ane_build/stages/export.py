@@ -18,6 +18,7 @@ Each lowering starts from the programs as loaded from the quantize entry and run
 
 import json
 import logging
+import multiprocessing
 import operator
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ane_build.errors import UserError
-from ane_build.lowering import copy_sharing_weights, lean_lowering, release_memory
+from ane_build.lowering import lean_lowering, release_memory
 from ane_build.model import io
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
 
@@ -248,35 +249,26 @@ def run(inputs, params, out_dir):
     spec = io.read_spec(quant_dir)
     settings = resolve(params, spec)
     metadata = io.runner_metadata(spec)
-    programs = load_programs(quant_dir, spec)
-    # Lowering edits the programs it is given (it drops the constants it delegates): the twin
-    # lowers copies of the same programs, made first, sharing their weights.
-    twin_programs = {method: copy_sharing_weights(ep) for method, ep in programs.items()}
-
-    started = time.time()
-    log.info("lowering %s to Core ML (%s, %s, %s)", ", ".join(programs),
-             settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"])
-    coreml = lower_coreml(programs, settings, spec["ane"]["dtype"], metadata)
-    report = delegation_report(coreml)
-    write_report(report, out_dir)
-    if settings["require_full_delegation"] and report["cpu_ops"]:
-        raise UserError("export.require_full_delegation",
-                        f"{_ops_text(report['cpu_ops'])} stay on the CPU instead of Core ML; "
-                        "set it to false to build anyway (delegation.txt then lists them)")
-    pte_bytes = write_pte(coreml, out_dir / MODEL_FILE)
-    coreml_seconds = time.time() - started
-    del coreml, programs
-    release_memory()
-
-    started = time.time()
-    log.info("lowering the CPU twin (XNNPACK linears)")
-    twin = lower_twin(twin_programs, metadata)
-    del twin_programs
-    release_memory()  # the folded programs' leftovers, before serializing
-    twin_bytes = write_pte(twin, out_dir / TWIN_FILE, quant_fusion=False)  # dequantizations all folded
-    twin_seconds = time.time() - started
-    del twin
-    release_memory()
+    # The twin lowers in a second process meanwhile: the two lowerings share nothing but their
+    # input files, and each is single-threaded Python (ExecuTorch's and coremltools' passes),
+    # so on two cores the stage takes the longer of the two instead of their sum.
+    with multiprocessing.get_context("spawn").Pool(1) as twin_process:
+        twin = twin_process.apply_async(write_twin, (quant_dir, out_dir / TWIN_FILE))
+        started = time.time()
+        log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin beside it", ", ".join(spec["programs"]),
+                 settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"])
+        coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], metadata)
+        report = delegation_report(coreml)
+        write_report(report, out_dir)
+        if settings["require_full_delegation"] and report["cpu_ops"]:
+            raise UserError("export.require_full_delegation",
+                            f"{_ops_text(report['cpu_ops'])} stay on the CPU instead of Core ML; "
+                            "set it to false to build anyway (delegation.txt then lists them)")
+        pte_bytes = write_pte(coreml, out_dir / MODEL_FILE)
+        coreml_seconds = time.time() - started
+        del coreml
+        release_memory()
+        twin_bytes, twin_seconds = twin.get()
 
     io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
     io.write_spec({**spec, "export": settings, "metadata": metadata}, out_dir)
@@ -292,3 +284,13 @@ def run(inputs, params, out_dir):
         "coreml_seconds": round(coreml_seconds, 2),
         "twin_seconds": round(twin_seconds, 2),
     }
+
+
+def write_twin(quant_dir, path):
+    """Lower the quantize entry's programs to the CPU twin at ``path``; returns (bytes, seconds)."""
+    started = time.time()
+    spec = io.read_spec(quant_dir)
+    twin = lower_twin(load_programs(quant_dir, spec), io.runner_metadata(spec))
+    release_memory()  # the folded programs' leftovers, before serializing
+    twin_bytes = write_pte(twin, path, quant_fusion=False)  # dequantizations all folded
+    return twin_bytes, time.time() - started
