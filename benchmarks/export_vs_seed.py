@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "smollm2-135m/iphone15pro"
 SETTINGS = ["--seq_length", "64", "--max_seq_length", "1024", "--use_cache_list",
             "--target_split_size", "1024", "--max_splits", "8", "--coreml-quantize", "c4w", "--dtype", "fp16"]
+SEED_COMMAND = [sys.executable, "-m", "executorch.examples.apple.coreml.llama.export"]
 
 
 class TreeRss:
@@ -127,8 +128,7 @@ def main():
     write_pth(ckpt, args.out)
     files = ["-p", str(args.out / "params.json"), "-c", str(args.out / "model.pth")]
     commands = {
-        "seed": [sys.executable, "-m", "executorch.examples.apple.coreml.llama.export",
-                 "-n", str(args.out / "seed.pte"), *files, *SETTINGS],
+        "seed": [*SEED_COMMAND, "-n", str(args.out / "seed.pte"), *files, *SETTINGS],
         "ours": [sys.executable, "-m", "ane_build.export", "-n", str(args.out / "ours.pte"), *files, *SETTINGS],
     }
     runs = {name: [] for name in commands}

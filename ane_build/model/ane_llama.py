@@ -69,20 +69,26 @@ class Attention(nn.Module):
         k = apply_rope(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin)
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        keys = self._share_kv_heads(torch.cat([k_cache, k], dim=2))
-        values = self._share_kv_heads(torch.cat([v_cache, v], dim=2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).flatten(2)), k, v
+        keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        return self.wo(self._grouped_attention(q, keys, values, mask)), k, v
 
-    def _share_kv_heads(self, t):
+    def _grouped_attention(self, q, keys, values, mask):
         """Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
+        q [1, n_heads, S, head_dim] -> [1, S, n_heads * head_dim].
 
-        expand + reshape rather than repeat_interleave: plain static view ops on every backend.
+        The query heads of one kv head attend as extra query rows of it ([1, n_kv_heads,
+        rep * S, head_dim]), rather than the keys and values being copied out to every query
+        head: the cache is read as it is, never copied rep times over, on any backend.
         """
         rep = self.n_heads // self.n_kv_heads
-        if rep == 1:
-            return t
-        return t.unsqueeze(2).expand(-1, -1, rep, -1, -1).flatten(1, 2)
+        _, _, seq, hd = q.shape
+        rows = q.reshape(1, self.n_kv_heads, rep * seq, hd)  # query head h = kv head h // rep
+        mask = mask.repeat(rep, 1) if rep > 1 else mask
+        # A CPU attention kernel may hand its output back in another memory layout than the
+        # one traced: a contiguous copy (a few rows, not the cache) keeps the views below valid.
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask)
+        out = out.clone(memory_format=torch.contiguous_format)
+        return out.unflatten(2, (rep, seq)).permute(0, 3, 1, 2, 4).flatten(2)
 
 
 class FeedForward(nn.Module):
