@@ -9,3 +9,7 @@ class UserError(Exception):
 
     def __init__(self, where, message):
         super().__init__(f"{where}: {message}" if where else message)
+
+    def __reduce__(self):
+        # Rebuilt from the whole message, so it survives being sent from another process.
+        return type(self), ("", str(self))

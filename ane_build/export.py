@@ -102,7 +102,7 @@ def _load_weights(path):
 def export(args):
     """Run rewrite -> quantize -> export on the flags' checkpoint; returns the written .pte path."""
     from ane_build import pipeline
-    from ane_build.lowering import release_memory
+    from ane_build.memory import release_memory
 
     rec = recipe_from_flags(args)
     output = Path(args.output_name)

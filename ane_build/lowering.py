@@ -1,15 +1,12 @@
 """ExecuTorch 1.5's lowering, same programs out, in less time and memory.
 
-``lean_lowering()`` wraps ``to_edge_transform_and_lower``; ``copy_sharing_weights`` and
-``release_memory`` keep two lowerings in one process from holding two copies of the
-weights. Every patch is checked against the code it stands in for (tests/test_lowering.py).
+``lean_lowering()`` wraps ``to_edge_transform_and_lower`` (see its list of what it changes).
+Each patch is checked against the code it stands in for (tests/test_lowering.py).
 """
 
 import collections
 import contextlib
 import copy
-import ctypes
-import gc
 import operator
 import unittest.mock
 
@@ -159,18 +156,3 @@ def _topological_sort_in_place(graph):
         raise RuntimeError(f"Input graph has cycles, unable to add {[n for n in indegree if indegree[n]]}")
     for node in order:
         graph._root.prepend(node)  # moves it to the end
-
-
-def release_memory():
-    """Hand the memory of dropped programs back to the system before the next lowering."""
-    from executorch.exir.backend import utils
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # Both caches keep graphs lowered (weights and all) alive: ExecuTorch's is_same_node
-    # remembers the nodes it compared, fake-tensor dispatch keys hold the delegates they ran.
-    for clear in (getattr(utils.is_same_node, "cache_clear", None), FakeTensorMode.cache_clear):
-        if clear:
-            clear()
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed small blocks otherwise

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ane_build import keys
 from ane_build.errors import UserError
+from ane_build.memory import release_memory
 from ane_build.recipe import recorded
 
 
@@ -96,6 +97,8 @@ def build(store, recipe, stage_name, planned):
     params = run_params(stage, recipe, planned)
     with naming_recipe(recipe):
         entry, built = store.build(stage.name, key, key_inputs, lambda out: stage.module.run(inputs, params, out))
+    if built:  # doit runs every stage in its one process: the next starts with this one's memory back
+        release_memory()
     link_views(store, recipe["name"], stage.name, key)
     return entry, built
 

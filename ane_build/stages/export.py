@@ -6,19 +6,18 @@
   Core ML backend's default for multi-method lowering).
 - ``delegation.json`` / ``delegation.txt``: how much of each method Core ML took, and
   every op left on the CPU.
-- ``twin.pte``: the same loaded programs lowered for the CPU (linears on XNNPACK), for
-  hosts without Core ML (ExecuTorch's Linux runtime). torchao's ``dequantize_affine`` has no ExecuTorch CPU
-  kernel, so the dequantization of the constant weights is folded into constants first.
+- ``twin.pte``: the same saved programs lowered for the CPU (linears on XNNPACK), for
+  hosts without Core ML (ExecuTorch's Linux runtime), in a second process meanwhile.
+  torchao's ``dequantize_affine`` has no ExecuTorch CPU kernel, so the dequantization of
+  the constant weights is folded into constants first.
 
-Both carry the runner metadata (``io.runner_metadata``) as constant methods.
-
-Each lowering starts from the programs as loaded from the quantize entry and runs under
-``lean_lowering``: ExecuTorch's own lowering, same output, in less time and memory.
+Both carry the runner metadata (``io.runner_metadata``) as constant methods. Each lowering
+loads the programs from the quantize entry itself and runs under ``lean_lowering``:
+ExecuTorch's own lowering, same output, in less time and memory.
 """
 
 import json
 import logging
-import multiprocessing
 import operator
 import time
 from collections import Counter
@@ -26,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ane_build import worker
 from ane_build.errors import UserError
-from ane_build.lowering import lean_lowering, release_memory
+from ane_build.lowering import lean_lowering
+from ane_build.memory import release_memory
 from ane_build.model import io
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
 
@@ -252,8 +253,7 @@ def run(inputs, params, out_dir):
     # The twin lowers in a second process meanwhile: the two lowerings share nothing but their
     # input files, and each is single-threaded Python (ExecuTorch's and coremltools' passes),
     # so on two cores the stage takes the longer of the two instead of their sum.
-    with multiprocessing.get_context("spawn").Pool(1) as twin_process:
-        twin = twin_process.apply_async(write_twin, (quant_dir, out_dir / TWIN_FILE))
+    with worker.beside(write_twin, quant_dir, out_dir / TWIN_FILE) as twin_result:
         started = time.time()
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin beside it", ", ".join(spec["programs"]),
                  settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"])
@@ -268,7 +268,7 @@ def run(inputs, params, out_dir):
         coreml_seconds = time.time() - started
         del coreml
         release_memory()
-        twin_bytes, twin_seconds = twin.get()
+        twin_bytes, twin_seconds = twin_result()
 
     io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
     io.write_spec({**spec, "export": settings, "metadata": metadata}, out_dir)

@@ -1,0 +1,59 @@
+"""Run one function in a second Python process while this one works (two lowerings, two cores).
+
+The process is spawned, not forked: it starts clean instead of inheriting torch's thread
+pools mid-use. Its result or exception comes back through a pipe; if it dies without one
+(killed, out of memory) the caller gets an error saying so instead of waiting forever.
+"""
+
+import contextlib
+import multiprocessing
+import pickle
+import traceback
+
+
+@contextlib.contextmanager
+def beside(function, *args):
+    """Start ``function(*args)`` in a second process; yields ``result()``, which waits for its
+    return value (or raises its exception). Leaving the block stops the process if still running."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_run, args=(send, function, args), daemon=True)
+    process.start()
+    send.close()  # the child holds the only sending end: its death ends the pipe
+
+    def result():
+        try:
+            status, value = receive.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(f"{function.__name__} died in its process (exit code {process.exitcode}) "
+                               "before returning") from None
+        if status == "error":
+            raise value
+        return value
+
+    try:
+        yield result
+    finally:
+        if process.is_alive():
+            process.terminate()
+        process.join()
+        receive.close()
+
+
+def _run(send, function, args):
+    try:
+        outcome = ("ok", function(*args))
+    except BaseException as error:  # noqa: BLE001 - every failure is the caller's to report
+        outcome = ("error", _picklable(error))
+    send.send(outcome)
+    send.close()
+
+
+def _picklable(error):
+    """``error`` itself when it pickles, else a RuntimeError carrying its traceback text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError("".join(traceback.format_exception(error)).rstrip())
