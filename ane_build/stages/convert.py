@@ -55,8 +55,20 @@ def run(inputs, params, out_dir):
     log.info("converting %s checkpoint %s", fmt, src.name)
     ckpt = _reader(fmt).read(src)
     canonical.write(ckpt, out_dir)
+    if ckpt.tokenizer_name:
+        _check_tokenizer_fits(Path(out_dir) / ckpt.tokenizer_name, ckpt.params["vocab_size"], src)
     counted = {k: t for k, t in ckpt.weights.items() if not (ckpt.tied_embeddings and k == "output.weight")}
     return {"format": fmt, "n_params": sum(t.numel() for t in counted.values())}
+
+
+def _check_tokenizer_fits(tokenizer_path, vocab_size, src):
+    """Refuse a tokenizer with ids past the embedding (fewer is fine: models pad their vocabulary)."""
+    from ane_build.runtime.tokenizer import Tokenizer
+
+    n_tokens = Tokenizer(tokenizer_path).vocab_size
+    if n_tokens > vocab_size:
+        raise UserError(str(src), f"its tokenizer ({tokenizer_path.name}) has {n_tokens} tokens, more than the "
+                                  f"model's vocab_size {vocab_size}: not this model's tokenizer")
 
 
 def source_path(fetch_dir):
