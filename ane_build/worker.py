@@ -6,9 +6,14 @@ pools mid-use. Its result or exception comes back through a pipe; if it dies wit
 """
 
 import contextlib
+import ctypes
 import multiprocessing
+import os
 import pickle
+import signal
 import traceback
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 @contextlib.contextmanager
@@ -17,7 +22,7 @@ def beside(function, *args):
     return value (or raises its exception). Leaving the block stops the process if still running."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_run, args=(send, function, args), daemon=True)
+    process = context.Process(target=_run, args=(send, os.getpid(), function, args), daemon=True)
     process.start()
     send.close()  # the child holds the only sending end: its death ends the pipe
 
@@ -41,13 +46,22 @@ def beside(function, *args):
         receive.close()
 
 
-def _run(send, function, args):
+def _run(send, parent, function, args):
+    _die_with(parent)
     try:
         outcome = ("ok", function(*args))
     except BaseException as error:  # noqa: BLE001 - every failure is the caller's to report
         outcome = ("error", _picklable(error))
     send.send(outcome)
     send.close()
+
+
+def _die_with(parent):
+    """Be killed when ``parent`` dies, even by a signal that runs none of its cleanup (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
 
 
 def _picklable(error):

@@ -1,6 +1,9 @@
 import os
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +60,23 @@ def test_leaving_early_stops_the_process():
     with pytest.raises(KeyError), worker.beside(wait_forever):
         raise KeyError("the caller failed first")
     assert time.time() - started < 60
+
+
+def test_the_process_dies_with_its_parent(tmp_path):
+    """A caller killed outright (SIGKILL: no cleanup runs) leaves no worker behind."""
+    script = ("import sys, time; sys.path[:0] = sys.argv[1:]\n"
+              "from ane_build import worker; from tests import test_worker\n"
+              "with worker.beside(test_worker.wait_forever):\n"
+              "    print('started', flush=True); time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, *sys.path], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline() == "started\n"
+    children = [int(pid) for pid in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert children and not any(Path(f"/proc/{pid}").exists() for pid in children)
 
 
 def test_user_errors_survive_pickling():
