@@ -50,11 +50,12 @@ class Tokenizer:
     def decode(self, ids):
         return self._impl.decode(list(ids))
 
-    def check_fits(self, vocab_size, model):
-        """Refuse a tokenizer whose ids go past the model's embedding (a smaller one is fine: models pad)."""
+    def check_fits(self, vocab_size, model, where=None):
+        """Refuse a tokenizer whose ids go past the model's embedding (a smaller one is fine: models pad).
+        The error names ``where`` the tokenizer came from (default: its file)."""
         if self.vocab_size > vocab_size:
-            raise UserError(str(self.path), f"{self.vocab_size} tokens, more than {model}'s vocab_size "
-                                            f"{vocab_size}: not this model's tokenizer")
+            raise UserError(where or str(self.path), f"{self.vocab_size} tokens, more than {model}'s vocab_size "
+                                                     f"{vocab_size}: not this model's tokenizer")
 
 
 class TextStream:

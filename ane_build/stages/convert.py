@@ -62,13 +62,10 @@ def run(inputs, params, out_dir):
 
 
 def _check_tokenizer_fits(tokenizer_path, vocab_size, src):
-    """Refuse a tokenizer with ids past the embedding (fewer is fine: models pad their vocabulary)."""
+    """Refuse a tokenizer with ids past the embedding, named as the checkpoint given (not the store's copy)."""
     from ane_build.runtime.tokenizer import Tokenizer
 
-    n_tokens = Tokenizer(tokenizer_path).vocab_size
-    if n_tokens > vocab_size:
-        raise UserError(str(src), f"its tokenizer ({tokenizer_path.name}) has {n_tokens} tokens, more than the "
-                                  f"model's vocab_size {vocab_size}: not this model's tokenizer")
+    Tokenizer(tokenizer_path).check_fits(vocab_size, "the checkpoint", where=f"{src} ({tokenizer_path.name})")
 
 
 def source_path(fetch_dir):

@@ -30,5 +30,5 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, fmt):
     out.mkdir()
     with pytest.raises(UserError) as error:
         convert.run({"fetch": fetch}, {"format": "auto"}, out)
-    assert str(error.value) == (f"{fetch / 'source' / 'model'}: its tokenizer (tokenizer.model) has 320 tokens, "
-                                "more than the model's vocab_size 256: not this model's tokenizer")
+    assert str(error.value) == (f"{fetch / 'source' / 'model'} (tokenizer.model): 320 tokens, more than the "
+                                "checkpoint's vocab_size 256: not this model's tokenizer")
