@@ -103,10 +103,16 @@ def build(store, recipe, stage_name, planned):
     return entry, built
 
 
+def view_links(store, recipe_name, stage_name):
+    """The links a built stage shows itself by: its recipe view, and for release also
+    ``artifacts/release/<recipe>`` (the bundle folder inside the entry)."""
+    links = [store.view(recipe_name, stage_name)]
+    return links + [store.root / "release" / recipe_name] if stage_name == "release" else links
+
+
 def link_views(store, recipe_name, stage_name, key):
-    """``artifacts/recipes/<recipe>/<stage>``, and for release ``artifacts/release/<recipe>`` (the bundle)."""
+    """Point ``view_links`` at the stage's entry."""
     store.link_view(recipe_name, stage_name, key)
-    if stage_name == "release":
-        entry = store.entry(stage_name, key)
-        bundle = next(p for p in entry.iterdir() if p.is_dir())
-        store.link(store.root / "release" / recipe_name, bundle)
+    for bundle_link in view_links(store, recipe_name, stage_name)[1:]:
+        bundle = next(p for p in store.entry(stage_name, key).iterdir() if p.is_dir())
+        store.link(bundle_link, bundle)

@@ -122,9 +122,13 @@ class Store:
         log.debug("published %s/%s in %.1fs", stage, key[:12], manifest["seconds"])
         return entry
 
+    def view(self, recipe_name, stage):
+        """``<root>/recipes/<recipe>/<stage>``: where a recipe shows its stage's entry."""
+        return self.root / "recipes" / recipe_name / stage
+
     def link_view(self, recipe_name, stage, key):
-        """Point ``<root>/recipes/<recipe>/<stage>`` at the entry."""
-        self.link(self.root / "recipes" / recipe_name / stage, self.entry(stage, key))
+        """Point the recipe's ``view`` of ``stage`` at the entry."""
+        self.link(self.view(recipe_name, stage), self.entry(stage, key))
 
     def link(self, link, target):
         """Make ``link`` a relative symlink to ``target``, replacing what was there atomically."""

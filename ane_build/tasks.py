@@ -85,7 +85,7 @@ def _run(store, rec, stage_name, planned, problem):
 def _clean(store, recipe_name, stage_name, key):
     if key is not None:
         store.remove(stage_name, key)
-    for link in (store.root / "recipes" / recipe_name / stage_name, store.root / stage_name / recipe_name):
+    for link in pipeline.view_links(store, recipe_name, stage_name):
         if link.is_symlink():
             os.unlink(link)
 
