@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_vs_seed import RECIPE, ROOT, SEED_COMMAND, SETTINGS, canonical_checkpoint, timed, write_pth
+from export_vs_seed import ROOT, SEED_COMMAND, SETTINGS, canonical_checkpoint, recipe_view, timed, write_pth
 
 STAGES = ("fetch", "convert", "rewrite", "quantize", "export", "smoke", "release")
 
@@ -33,8 +33,7 @@ def main():
     artifacts = args.out / "artifacts"
     os.environ["ANE_BUILD_ARTIFACTS"] = str(artifacts)  # dodo.py reads it; the child inherits it
     ours = timed([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")], args.out / "doit.log")
-    views = artifacts / "recipes" / RECIPE
-    seconds = {s: json.loads((views / s / "manifest.json").read_text())["seconds"] for s in STAGES}
+    seconds = {s: json.loads((recipe_view(s) / "manifest.json").read_text())["seconds"] for s in STAGES}
     print("| | wall (s) | peak RSS, process tree (MB) |")
     print("|---|---|---|")
     print(f"| seed export.py (export only) | {seed[0]:.1f} | {seed[2]:.0f} |")

@@ -28,20 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_vs_seed import RECIPE, ROOT, write_pth
+from export_vs_seed import recipe_view, write_pth
 
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import PteProgram
 from ane_build.runtime.sampling import Sampler
 from ane_build.runtime.tokenizer import Tokenizer
-
-
-def entry(stage):
-    artifacts = Path(os.environ.get("ANE_BUILD_ARTIFACTS", ROOT / "artifacts"))  # as dodo.py reads it
-    folder = (artifacts / "recipes" / RECIPE / stage).resolve()
-    if not folder.is_dir():
-        sys.exit(f"{folder}: not built; run `doit {stage}:{RECIPE}` first")
-    return folder
 
 
 def ours(export_dir, prompt_ids, tokens):
@@ -111,7 +103,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64, help="tokens to generate per runner")
     ap.add_argument("--prompt", default="Once upon a time,")
     args = ap.parse_args()
-    export_dir, convert_dir = entry("export"), entry("convert")
+    export_dir, convert_dir = recipe_view("export"), recipe_view("convert")
     program_info = PteProgram(export_dir / "twin.pte").info
     tokenizer = Tokenizer(convert_dir / "tokenizer.json")
     prompt_ids = tokenizer.prompt_ids(args.prompt, program_info)

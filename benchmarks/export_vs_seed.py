@@ -93,11 +93,19 @@ def timed(cmd, log):
     return wall, usage.ru_maxrss / 1024, tree_peak
 
 
+def recipe_view(stage):
+    """The default recipe's view of ``stage``, where dodo.py puts it; exits when it is not built."""
+    artifacts = Path(os.environ.get("ANE_BUILD_ARTIFACTS", ROOT / "artifacts"))  # as dodo.py reads it
+    folder = (artifacts / "recipes" / RECIPE / stage).resolve()
+    if not folder.is_dir():
+        sys.exit(f"{folder}: not built; run `doit {stage}:{RECIPE}` first")
+    return folder
+
+
 def canonical_checkpoint():
     subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), f"convert:{RECIPE}"],
                    check=True, capture_output=True, cwd=ROOT)
-    artifacts = Path(os.environ.get("ANE_BUILD_ARTIFACTS", ROOT / "artifacts"))  # as dodo.py reads it
-    return (artifacts / "recipes" / RECIPE / "convert").resolve()
+    return recipe_view("convert")
 
 
 def write_pth(ckpt, out):

@@ -12,19 +12,19 @@ the exported program end to end).
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_vs_seed import recipe_view
+
 from ane_build.model.reference import ReferenceLlama
 from ane_build.runtime.tokenizer import Tokenizer
 from ane_build.stages import quantize
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = "smollm2-135m/iphone15pro"
 PROMPTS = ["Once upon a time,", "The capital of France is", "Water boils at", "def fibonacci(n):",
            "My favourite food is", "The best way to learn a language is"]
 SETTINGS = {
@@ -59,10 +59,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=48)
     args = ap.parse_args()
-    artifacts = Path(os.environ.get("ANE_BUILD_ARTIFACTS", ROOT / "artifacts"))
-    convert = artifacts / "recipes" / RECIPE / "convert"
-    if not convert.is_dir():
-        sys.exit(f"{convert}: not built; run `doit convert:{RECIPE}` first")
+    convert = recipe_view("convert")
     model = ReferenceLlama.from_checkpoint(convert)
     tokenizer = Tokenizer(convert / "tokenizer.json")
     weights = dict(model.w)
