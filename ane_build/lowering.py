@@ -8,6 +8,7 @@ import collections
 import contextlib
 import copy
 import operator
+import sys
 import unittest.mock
 
 import torch
@@ -25,15 +26,20 @@ def lean_lowering():
       order in place, and the code is generated once at the end.
     - Backends preprocess deep copies of all partitions, weights included, made up front. The
       Core ML and XNNPACK backends get copies sharing the weights (neither writes to them).
+    - coremltools checks the whole MIL program after each of its ~110 passes, a quarter of a
+      conversion, and after each of the ~110 it skips when merging methods into one
+      multifunction model. The checks only raise; here they run after the passes that ask for
+      the stricter scope check (dead code elimination, when it ran) and once at the end.
+    - Each node a pass re-creates records its source with a deep copy of that node's whole
+      history, which grows with every pass: a tenth of a lowering. Here the history is shared
+      (torch never changes a recorded NodeSource).
     A patch whose target this ExecuTorch lacks is skipped (that lowering is only slower).
+    Backends not imported yet are left alone (importing Core ML's costs 130 MB).
     """
     from executorch.exir.backend import backend_api
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from executorch.exir import lowered_backend_module
     import torch.fx.passes.infra.partitioner as fx_partitioner
-    from executorch.backends.apple.coreml.compiler import CoreMLBackend
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-
     stale = {}  # id -> graph module sorted since its code was last generated
 
     def legalize_in_place(graph_module):
@@ -57,8 +63,17 @@ def lean_lowering():
                (group_partitioner, "_DependencyViewer", _DependencyViewer),
                (lowered_backend_module, "legalize_graph", legalize_in_place),
                (backend_api, "_create_partitions", recompiling(backend_api._create_partitions)),
-               (CoreMLBackend, "copy_exported_program_for_preprocess", classmethod(_copy_sharing_weights)),
-               (XnnpackBackend, "copy_exported_program_for_preprocess", classmethod(_copy_sharing_weights))]
+               (torch.fx.traceback.NodeSource, "__init__", _node_source_sharing_history)]
+    coreml = sys.modules.get("executorch.backends.apple.coreml.compiler.coreml_preprocess")
+    xnnpack = sys.modules.get("executorch.backends.xnnpack.xnnpack_preprocess")
+    for backend in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)):
+        if backend:
+            patches.append((backend, "copy_exported_program_for_preprocess", classmethod(_copy_sharing_weights)))
+    if coreml:
+        from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+
+        patches.append((PassPipelineManager, "apply_pipeline",
+                        staticmethod(validating_once(PassPipelineManager.apply_pipeline))))
     with contextlib.ExitStack() as stack:
         for owner, name, new in patches:
             if hasattr(owner, name):
@@ -76,6 +91,32 @@ def copy_sharing_weights(program):
 
 def _copy_sharing_weights(cls, program, compile_specs):
     return copy_sharing_weights(program)
+
+
+def _node_source_sharing_history(self, node, pass_name="", action=None):
+    _NODE_SOURCE_INIT(self, None, pass_name, action)
+    if node:
+        self.node_info = self.NodeInfo(name=node.name, target=str(node.target), graph_id=id(node.graph))
+        self.from_node = list(node.meta.get("from_node", ()))
+
+
+_NODE_SOURCE_INIT = torch.fx.traceback.NodeSource.__init__
+
+
+def validating_once(apply_pipeline):
+    """coremltools' ``PassPipelineManager.apply_pipeline``, checking the program as said in ``lean_lowering``."""
+    def apply(prog, pass_pipeline):
+        check = prog.validate
+        passes_run = not prog.skip_all_passes
+        # Called after every pass, with the scope check on right after dead code elimination.
+        prog.validate = lambda check_essential_scope=False: (
+            check(check_essential_scope=True) if check_essential_scope and passes_run else None)
+        try:
+            apply_pipeline(prog, pass_pipeline)
+        finally:
+            del prog.validate
+        check()
+    return apply
 
 
 class _DependencyViewer:

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import re
 
 import pytest
 import torch
@@ -66,8 +67,9 @@ def test_copy_shares_weights_and_nothing_else():
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_lean_lowering_writes_the_same_programs(tmp_path, monkeypatch, dtype):
-    """With and without the patches: the same twin, byte for byte, and the same Core ML
-    partitioning and size (its payload names the model by a fresh UUID each time)."""
+    """With and without the patches: the same twin, byte for byte, and the same Core ML program
+    but for the fresh UUIDs Core ML names its model and package files by (which also order
+    the package manifest's entries, so its lines are compared as a multiset)."""
     entries, _ = build(tmp_path, "quantize", ane_params=ane(dtype=dtype, decode_method=True))
     spec = io.read_spec(entries["quantize"])
     metadata, settings = io.runner_metadata(spec), export.resolve({}, spec)
@@ -78,8 +80,28 @@ def test_lean_lowering_writes_the_same_programs(tmp_path, monkeypatch, dtype):
         twin = export.lower_twin(export.load_programs(entries["quantize"], spec), metadata)
         sizes = [export.write_pte(coreml, tmp_path / f"{name}.pte"),
                  export.write_pte(twin, tmp_path / f"{name}.twin.pte", quant_fusion=False)]
-        return export.delegation_report(coreml), sizes, (tmp_path / f"{name}.twin.pte").read_bytes()
+        return (export.delegation_report(coreml), sizes, _without_uuids((tmp_path / f"{name}.pte").read_bytes()),
+                (tmp_path / f"{name}.twin.pte").read_bytes())
 
     lean = lowered("lean")
     monkeypatch.setattr(export, "lean_lowering", contextlib.nullcontext)
     assert lowered("stock") == lean
+
+
+def _without_uuids(data):
+    uuid = rb"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    return sorted(re.sub(uuid, b"UUID", data).split(b"\n"))
+
+
+def test_node_sources_share_history_and_read_as_torchs(graph_module):
+    """A NodeSource made under lean_lowering reads as torch's own, history and all, without copying it."""
+    from torch.fx.traceback import NodeSource, NodeSourceAction
+
+    node = next(n for n in graph_module.graph.nodes if n.op == "call_function")
+    node.meta["from_node"] = [NodeSource(node, "earlier", NodeSourceAction.CREATE)]
+    stock = NodeSource(node, "pass", NodeSourceAction.REPLACE)
+    with lowering.lean_lowering():
+        lean = NodeSource(node, "pass", NodeSourceAction.REPLACE)
+    assert lean.to_dict() == stock.to_dict() and lean.print_readable() == stock.print_readable()
+    assert lean.from_node[0] is node.meta["from_node"][0]
+    assert stock.from_node[0] is not node.meta["from_node"][0]

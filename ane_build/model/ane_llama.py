@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ane_build.checkpoint import canonical
-from ane_build.model.reference import apply_rope, rms_norm, rope_frequencies
+from ane_build.model.reference import rms_norm, rope_frequencies
 
 # Not -inf: softmax subtracts the row max, and -inf - (-inf) is NaN wherever a row is fully
 # masked (or when a backend adds -inf to an fp16 score). A large finite value is as good:
@@ -65,8 +65,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, mask):
         """x [1, S, dim] -> (out [1, S, dim], new k and v [1, n_kv_heads, S, head_dim])."""
-        q = apply_rope(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
-        k = apply_rope(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin)
+        q = rotate(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
+        k = rotate(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin)
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
@@ -74,7 +74,7 @@ class Attention(nn.Module):
 
     def _grouped_attention(self, q, keys, values, mask):
         """Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
-        q [1, n_heads, S, head_dim] -> [1, S, n_heads * head_dim].
+        q [1, n_heads, S, head_dim], mask [rep * S, ...] (``grouped_mask``) -> [1, S, n_heads * head_dim].
 
         The query heads of one kv head attend as extra query rows of it ([1, n_kv_heads,
         rep * S, head_dim]), rather than the keys and values being copied out to every query
@@ -83,12 +83,16 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         _, _, seq, hd = q.shape
         rows = q.reshape(1, self.n_kv_heads, rep * seq, hd)  # query head h = kv head h // rep
-        mask = mask.repeat(rep, 1) if rep > 1 else mask
         # A CPU attention kernel may hand its output back in another memory layout than the
         # one traced: a contiguous copy (a few rows, not the cache) keeps the views below valid.
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask)
         out = out.clone(memory_format=torch.contiguous_format)
         return out.unflatten(2, (rep, seq)).permute(0, 3, 1, 2, 4).flatten(2)
+
+    def grouped_mask(self, mask):
+        """The mask of a call for ``_grouped_attention``'s query rows; the same in every layer."""
+        rep = self.n_heads // self.n_kv_heads
+        return mask.repeat(rep, 1) if rep > 1 else mask
 
 
 class FeedForward(nn.Module):
@@ -115,6 +119,19 @@ class TransformerBlock(nn.Module):
         attn, k, v = self.attention(self.attention_norm(h), cos, sin, k_cache, v_cache, mask)
         h = h + attn
         return h + self.feed_forward(self.ffn_norm(h)), k, v
+
+
+def rotate(x, cos, sin):
+    """``reference.apply_rope`` in 8 graph nodes instead of 15 (the model runs it 2 x n_layers times).
+
+    x [B, T, H, D]; cos / sin [1, T, 1, D] from ``AneLlama._rope_rows``: each pair's cosine
+    twice, its sine as (-sin, sin). A pair (a, b) becomes (a cos + b (-sin), b cos + a sin):
+    the reference's (a cos - b sin, a sin + b cos) to the bit, as negation is exact and a
+    sum of two does not depend on its order.
+    """
+    pairs = x.unflatten(-1, (-1, 2))
+    swapped = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + swapped * sin
 
 
 def rope_tables(params, length):
@@ -157,10 +174,11 @@ class AneLlama(nn.Module):
 
     def forward(self, tokens, input_pos, input_length, k_caches, v_caches, attn_mask):
         cos, sin = self._rope_rows(input_pos, tokens.shape[1])
+        mask = self.layers[0].attention.grouped_mask(attn_mask)
         h = self.tok_embeddings(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, cos, sin, k_caches[i], v_caches[i], attn_mask)
+            h, k, v = layer(h, cos, sin, k_caches[i], v_caches[i], mask)
             new_k.append(k)
             new_v.append(v)
         # Only the last real token's logits are needed: norm and LM head on one row, not seq_length.
@@ -177,7 +195,10 @@ class AneLlama(nn.Module):
         # Both bounds: Core ML's converter turns a max-only clamp into a float clip, and an
         # index must stay integer.
         positions = positions.clamp(0, self.max_seq_length - 1)
-        return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+        cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
+        # Shaped for ``rotate`` once here rather than in each of its calls.
+        cos, sin = (torch.stack(pair, dim=-1).flatten(-2)[None, :, None, :] for pair in ((cos, cos), (-sin, sin)))
+        return cos, sin
 
 
 def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):

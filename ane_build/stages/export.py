@@ -172,13 +172,14 @@ def write_pte(manager, path, quant_fusion=True):
     if not quant_fusion:
         for ep in programs:
             constant_prop_pass(ep)
-    program = manager.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True,
-        do_quant_fusion_and_const_prop=quant_fusion,
-        # Inputs are the caller's memory (its caches), not planned into the arena.
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-    ))
+    with lean_lowering():
+        program = manager.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=quant_fusion,
+            # Inputs are the caller's memory (its caches), not planned into the arena.
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        ))
     with open(path, "wb") as f:
         program.write_to_file(f)
     return Path(path).stat().st_size

@@ -5,7 +5,7 @@ import torch
 
 from ane_build.checkpoint import canonical
 from ane_build.model import rewrites
-from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask
+from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask, rotate
 from ane_build.model.reference import ReferenceLlama, apply_rope, rms_norm, rope_frequencies
 from tests.tiny_llama import tiny_params, tiny_weights
 
@@ -183,3 +183,12 @@ def test_positions_past_the_rope_table_are_clamped_not_out_of_bounds():
     exact, _, _ = model(*cache.inputs([1, 2], seq_length=2))
     assert torch.isfinite(padded).all()
     torch.testing.assert_close(padded, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotate_is_the_reference_rope_to_the_bit(dtype):
+    params = tiny_params()
+    model = AneLlama(params, max_seq_length=32).to(dtype)
+    x = (torch.randn(1, 5, 3, canonical.head_dim(params)) * 100).to(dtype)
+    cos, sin = model._rope_rows(torch.tensor([7]), 5)
+    assert torch.equal(rotate(x, cos, sin), apply_rope(x, model.rope_cos[7:12], model.rope_sin[7:12]))
