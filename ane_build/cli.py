@@ -2,11 +2,10 @@
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from ane_build import command, pipeline, recipe, schema, verify
+from ane_build import command, logs, pipeline, recipe, schema, verify
 from ane_build import export as export_cli
 from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
@@ -52,8 +51,7 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("ane_build").setLevel(logging.INFO)
+    logs.show_progress()
     return command.report_errors(args.func, args) or 0
 
 

@@ -1,17 +1,16 @@
 """How every ane-build command ends: its output, or one ``error: ...`` line and exit status 1."""
 
 import argparse
-import logging
 import sys
 
+from ane_build import logs
 from ane_build.errors import UserError
 
 
 def run(prog, description, add_arguments, main, argv=None):
     """Parse ``argv`` with ``add_arguments``, call ``main(args)``; a UserError is one line on stderr."""
     args = add_arguments(argparse.ArgumentParser(prog=prog, description=description)).parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("ane_build").setLevel(logging.INFO)  # our own progress, not every library's chatter
+    logs.show_progress()
     return report_errors(main, args)
 
 

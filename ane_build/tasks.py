@@ -12,7 +12,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from ane_build import pipeline, recipe
+from ane_build import logs, pipeline, recipe
 from ane_build.errors import UserError
 from ane_build.store import Store
 
@@ -70,8 +70,7 @@ def _uptodate(task, values, store, recipe_name, stage_name, key):
 
 
 def _run(store, rec, stage_name, planned, problem):
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logs.show_progress()
     try:
         if problem:
             raise problem

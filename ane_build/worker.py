@@ -13,6 +13,8 @@ import pickle
 import signal
 import traceback
 
+from ane_build import logs
+
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
@@ -48,6 +50,7 @@ def beside(function, *args):
 
 def _run(send, parent, function, args):
     _die_with(parent)
+    logs.show_progress()  # a spawned process starts without its parent's logging set up
     try:
         outcome = ("ok", function(*args))
     except BaseException as error:  # noqa: BLE001 - every failure is the caller's to report
