@@ -1,4 +1,5 @@
-"""Run one function in a second Python process while this one works (two lowerings, two cores).
+"""Run one function in a second Python process while this one works (two lowerings, two cores),
+or, where memory is short, ``later`` in this one.
 
 The process is spawned, not forked: it starts clean instead of inheriting torch's thread
 pools mid-use. Its result or exception comes back through a pipe; if it dies without one
@@ -46,6 +47,12 @@ def beside(function, *args):
             process.terminate()
         process.join()
         receive.close()
+
+
+@contextlib.contextmanager
+def later(function, *args):
+    """``beside``'s interface in this process: ``result()`` runs ``function(*args)`` when called."""
+    yield lambda: function(*args)
 
 
 def _run(send, parent, function, args):

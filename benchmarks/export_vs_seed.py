@@ -8,8 +8,10 @@ is the process's; peak memory is measured two ways: the process's own peak RSS
 (wait4), and the peak of the RSS summed over its whole process tree, sampled from
 /proc every 50 ms (what counts if a run ever spreads over several processes). Ours
 also lowers the CPU twin. With --repeat N the two exports alternate N times and the
-medians are reported. Prints a Markdown table with the ratios, and the .pte sizes
-against the ideal size.
+medians are reported. Ours runs twice: as it does by default (the twin lowered in a
+second process beside Core ML) and with ANE_BUILD_JOBS=1 (the twin after Core ML, in
+the same process). Prints a Markdown table with the ratios, and the .pte sizes against
+the ideal size.
 """
 
 import argparse
@@ -79,11 +81,12 @@ def _rss_kb(pid):
     return 0
 
 
-def timed(cmd, log):
-    """(wall seconds, peak RSS of the process in MB (wait4), peak RSS of its process tree in MB)."""
+def timed(cmd, log, env=None):
+    """(wall seconds, peak RSS of the process in MB (wait4), peak RSS of its process tree in MB).
+    ``env``: variables to set for the command, on top of this process's."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
         tree = TreeRss(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -129,35 +132,39 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", type=Path, help="canonical checkpoint (default: build the default recipe's)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="export-bench-")))
-    ap.add_argument("--repeat", type=int, default=1, help="run both exports this many times, alternating")
+    ap.add_argument("--repeat", type=int, default=1, help="run the exports this many times, alternating")
     args = ap.parse_args()
     ckpt = args.checkpoint or canonical_checkpoint()
     args.out.mkdir(parents=True, exist_ok=True)
     write_pth(ckpt, args.out)
     files = ["-p", str(args.out / "params.json"), "-c", str(args.out / "model.pth")]
+    ours = [sys.executable, "-m", "ane_build.export", *files, *SETTINGS]
+    # name: (command, environment). Ours twice: the twin beside Core ML (the default), and after it.
     commands = {
-        "seed": [*SEED_COMMAND, "-n", str(args.out / "seed.pte"), *files, *SETTINGS],
-        "ours": [sys.executable, "-m", "ane_build.export", "-n", str(args.out / "ours.pte"), *files, *SETTINGS],
+        "seed": ([*SEED_COMMAND, "-n", str(args.out / "seed.pte"), *files, *SETTINGS], {}),
+        "ours": ([*ours, "-n", str(args.out / "ours.pte")], {"ANE_BUILD_JOBS": "2"}),
+        "ours1": ([*ours, "-n", str(args.out / "ours1.pte")], {"ANE_BUILD_JOBS": "1"}),
     }
     runs = {name: [] for name in commands}
     loads = []
     for i in range(args.repeat):
-        for name, cmd in commands.items():
+        for name, (cmd, env) in commands.items():
             loads.append(os.getloadavg()[0])
-            runs[name].append(timed(cmd, args.out / f"{name}.{i}.log"))
+            runs[name].append(timed(cmd, args.out / f"{name}.{i}.log", env))
             print(f"{name} run {i + 1}: {runs[name][-1][0]:.1f} s, {runs[name][-1][1]:.0f} MB (process), "
                   f"{runs[name][-1][2]:.0f} MB (tree)", file=sys.stderr)
-    seed, ours = ({k: statistics.median(r[k] for r in runs[name]) for k in range(3)} for name in commands)
+    seed, ours, ours1 = ({k: statistics.median(r[k] for r in runs[name]) for k in range(3)} for name in commands)
     ideal = ideal_bytes(json.loads((ckpt / "params.json").read_text()))
     sizes = {name: (args.out / f"{name}.pte").stat().st_size for name in commands}
     median = f" (median of {args.repeat})" if args.repeat > 1 else ""
-    print("| | seed export.py | ane-build export | ratio (ours / seed) |")
-    print("|---|---|---|---|")
-    print(f"| wall (s){median} | {seed[0]:.1f} | {ours[0]:.1f} | {ours[0] / seed[0]:.2f}x |")
-    print(f"| peak RSS, process (MB){median} | {seed[1]:.0f} | {ours[1]:.0f} | {ours[1] / seed[1]:.2f}x |")
-    print(f"| peak RSS, process tree (MB){median} | {seed[2]:.0f} | {ours[2]:.0f} | {ours[2] / seed[2]:.2f}x |")
+    print("| | seed export.py | ane-build export | ratio | ane-build export, ANE_BUILD_JOBS=1 | ratio |")
+    print("|---|---|---|---|---|---|")
+    for k, (what, unit) in enumerate((("wall", "s"), ("peak RSS, process", "MB"), ("peak RSS, process tree", "MB"))):
+        digits = 1 if unit == "s" else 0
+        print(f"| {what} ({unit}){median} | {seed[k]:.{digits}f} | {ours[k]:.{digits}f} | {ours[k] / seed[k]:.2f}x | "
+              f"{ours1[k]:.{digits}f} | {ours1[k] / seed[k]:.2f}x |")
     print(f"| Core ML .pte (MB) | {sizes['seed'] / 1e6:.1f} | {sizes['ours'] / 1e6:.1f} | "
-          f"{sizes['ours'] / sizes['seed']:.3f}x |")
+          f"{sizes['ours'] / sizes['seed']:.3f}x | {sizes['ours1'] / 1e6:.1f} | {sizes['ours1'] / sizes['seed']:.3f}x |")
     total = sum(ideal.values())
     print(f"\nIdeal size {total / 1e6:.1f} MB (" + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in ideal.items())
           + f"); ours is {sizes['ours'] / total:.3f}x the ideal, the seed's {sizes['seed'] / total:.3f}x.")

@@ -141,3 +141,27 @@ def test_full_delegation_refuses_ops_left_on_the_cpu(xor_entry, tmp_path):
     message = str(err.value)
     assert message.startswith("export.require_full_delegation: ") and "aten.bitwise_xor.Scalar x1" in message
     assert "\n" not in message
+
+
+def test_one_lowering_at_a_time_writes_the_same_files(xor_entry, tmp_path, monkeypatch):
+    """ANE_BUILD_JOBS=1: the twin lowered after Core ML in this process, the same files out."""
+    written = {}
+    for jobs in ("2", "1"):
+        monkeypatch.setenv("ANE_BUILD_JOBS", jobs)
+        out = tmp_path / jobs
+        out.mkdir()
+        export.run({"quantize": xor_entry}, {"require_full_delegation": False}, out)
+        written[jobs] = {name: (out / name).read_bytes() for name in (export.TWIN_FILE, "delegation.json")}
+    assert written["1"] == written["2"]
+
+
+@pytest.mark.parametrize("value", ["3", "many", ""])
+def test_a_bad_jobs_setting_is_one_line_before_any_work(xor_entry, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("ANE_BUILD_JOBS", value)
+    out = tmp_path / "export"
+    out.mkdir()
+    with pytest.raises(UserError) as err:
+        export.run({"quantize": xor_entry}, {"require_full_delegation": False}, out)
+    assert str(err.value) == (f"ANE_BUILD_JOBS: expected 1 (lower the twin after Core ML: least memory) or 2 "
+                              f"(beside it, in a second process: least time), got {value!r}")
+    assert list(out.iterdir()) == []
