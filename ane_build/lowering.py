@@ -73,7 +73,7 @@ def lean_lowering():
         from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
 
         patches.append((PassPipelineManager, "apply_pipeline",
-                        staticmethod(validating_once(PassPipelineManager.apply_pipeline))))
+                        staticmethod(_validating_once(PassPipelineManager.apply_pipeline))))
     with contextlib.ExitStack() as stack:
         for owner, name, new in patches:
             if hasattr(owner, name):
@@ -103,7 +103,7 @@ def _node_source_sharing_history(self, node, pass_name="", action=None):
 _NODE_SOURCE_INIT = torch.fx.traceback.NodeSource.__init__
 
 
-def validating_once(apply_pipeline):
+def _validating_once(apply_pipeline):
     """coremltools' ``PassPipelineManager.apply_pipeline``, checking the program as said in ``lean_lowering``."""
     def apply(prog, pass_pipeline):
         check = prog.validate
