@@ -33,6 +33,10 @@ def lean_lowering():
     - Each node a pass re-creates records its source with a deep copy of that node's whole
       history, which grows with every pass: a tenth of a lowering. Here the history is shared
       (torch never changes a recorded NodeSource).
+    - XNNPACK runs its 17 passes on each partition (the twin has 121 per method), each a fresh
+      program. On a partition of linear ops alone only its linear conversion can apply (the
+      others rewrite convolutions, norms, activations, concatenations, copies...), so such a
+      partition gets that one pass, as ExecuTorch's own dynamic-quantized linears do.
     A patch whose target this ExecuTorch lacks is skipped (that lowering is only slower).
     Backends not imported yet are left alone (importing Core ML's costs 130 MB).
     """
@@ -69,6 +73,10 @@ def lean_lowering():
     for backend in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)):
         if backend:
             patches.append((backend, "copy_exported_program_for_preprocess", classmethod(_copy_sharing_weights)))
+    if xnnpack:
+        from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+        patches.append((XNNPACKPassManager, "__init__", _linear_pass_only(XNNPACKPassManager.__init__)))
     if coreml:
         from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
 
@@ -101,6 +109,19 @@ def _node_source_sharing_history(self, node, pass_name="", action=None):
 
 
 _NODE_SOURCE_INIT = torch.fx.traceback.NodeSource.__init__
+
+
+def _linear_pass_only(init):
+    """``XNNPACKPassManager.__init__``, choosing only the linear conversion for a graph of linears alone."""
+    from executorch.backends.xnnpack._passes import ConvertToLinearPass
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    def __init__(self, exported_program, passes=None):
+        calls = [node.target for node in exported_program.graph.nodes if node.op == "call_function"]
+        if not passes and calls and all(target == exir_ops.edge.aten.linear.default for target in calls):
+            passes = [ConvertToLinearPass]
+        init(self, exported_program, passes)
+    return __init__
 
 
 def _validating_once(apply_pipeline):

@@ -105,3 +105,25 @@ def test_node_sources_share_history_and_read_as_torchs(graph_module):
     assert lean.to_dict() == stock.to_dict() and lean.print_readable() == stock.print_readable()
     assert lean.from_node[0] is node.meta["from_node"][0]
     assert stock.from_node[0] is not node.meta["from_node"][0]
+
+
+class LinearThenRelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(x).relu()
+
+
+@pytest.mark.parametrize("model, passes", [(torch.nn.Linear(8, 4), 1), (LinearThenRelu(), None)])
+def test_xnnpack_runs_only_the_linear_pass_on_linears_alone(model, passes):
+    from executorch.backends.xnnpack._passes import ConvertToLinearPass, XNNPACKPassManager
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    config = EdgeCompileConfig(preserve_ops=[torch.ops.aten.linear.default])
+    program = to_edge(torch.export.export(model, (torch.randn(2, 8),)), compile_config=config).exported_program()
+    stock = XNNPACKPassManager(program).passes
+    with lowering.lean_lowering():
+        lean = XNNPACKPassManager(program).passes
+    assert lean == ([ConvertToLinearPass] if passes else stock) and len(stock) > 10
