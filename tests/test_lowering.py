@@ -127,3 +127,12 @@ def test_xnnpack_runs_only_the_linear_pass_on_linears_alone(model, passes):
     with lowering.lean_lowering():
         lean = XNNPACKPassManager(program).passes
     assert lean == ([ConvertToLinearPass] if passes else stock) and len(stock) > 10
+
+
+def test_garbage_collection_is_restored_after_lowering():
+    import gc
+
+    before = gc.get_threshold()
+    with lowering.lean_lowering():
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[2] == 50
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
