@@ -16,13 +16,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_vs_seed import timed
+from export_vs_seed import SETTINGS, timed  # the iPhone 15 Pro settings
 
 PARAMS = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "head_dim": 64, "hidden_dim": 8192,
           "vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
           "rope_scale_factor": 32.0, "high_freq_factor": 4.0}
-SETTINGS = ["--seq_length", "64", "--max_seq_length", "1024", "--use_cache_list", "--target_split_size", "1024",
-            "--max_splits", "8", "--coreml-quantize", "c4w", "--dtype", "fp16"]
 
 
 def write_checkpoint(folder):

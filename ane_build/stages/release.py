@@ -76,8 +76,8 @@ def bundle_name(recipe):
 def write_archive(bundle, path):
     """``bundle`` as ``<name>/<file>`` members of a .tar.gz that is the same bytes for the same files.
 
-    Fastest compression: 4-bit weights hardly compress (level 9 took 3.7 s to save 0.8% over
-    level 1's 2.8 s on the default bundle)."""
+    Fastest compression: 4-bit weights hardly compress (on the default bundle's model.pte, zlib
+    level 9 took 3.6 s to come out 0.8% smaller than level 1 in 2.8 s)."""
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_member(bundle.name, tarfile.DIRTYPE, 0o755))
