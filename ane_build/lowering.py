@@ -10,6 +10,7 @@ import copy
 import gc
 import operator
 import sys
+import typing
 import unittest.mock
 
 import torch
@@ -36,6 +37,12 @@ def lean_lowering():
       (torch never changes a recorded NodeSource).
     - Python's cycle collector skips what was alive on entry and runs full passes 5x rarer
       (``frozen_garbage_collection``): it took an eighth of a lowering.
+    - Each method is traced twice before its edge passes: once to make it functional, once more
+      to decompose what its partitioner does not keep (a tenth of a lowering each). Here the
+      one trace does both, with the kept ops asked of the program as exported.
+    - Of ExecuTorch's ~10 edge passes, each re-tracing the whole program (a second a method),
+      three change nothing in a graph without what they rewrite (``aten.t``, view ops, symbolic
+      values): on such a graph they are skipped.
     - XNNPACK runs its 17 passes on each partition (the twin has 121 per method), each a fresh
       program. On a partition of linear ops alone only its linear conversion can apply (the
       others rewrite convolutions, norms, activations, concatenations, copies...), so such a
@@ -46,6 +53,7 @@ def lean_lowering():
     from executorch.exir.backend import backend_api
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from executorch.exir import lowered_backend_module
+    from executorch.exir.program import _program
     import torch.fx.passes.infra.partitioner as fx_partitioner
     stale = {}  # id -> graph module sorted since its code was last generated
 
@@ -70,7 +78,12 @@ def lean_lowering():
                (group_partitioner, "_DependencyViewer", _DependencyViewer),
                (lowered_backend_module, "legalize_graph", legalize_in_place),
                (backend_api, "_create_partitions", recompiling(backend_api._create_partitions)),
-               (torch.fx.traceback.NodeSource, "__init__", _node_source_sharing_history)]
+               (torch.fx.traceback.NodeSource, "__init__", _node_source_sharing_history),
+               (_program, "_apply_pre_decomposition_transforms",
+                _decomposing_up_front(_program._apply_pre_decomposition_transforms)),
+               (torch.export.ExportedProgram, "run_decompositions",
+                _functional_once(torch.export.ExportedProgram.run_decompositions))]
+    patches += _idle_edge_passes()
     coreml = sys.modules.get("executorch.backends.apple.coreml.compiler.coreml_preprocess")
     xnnpack = sys.modules.get("executorch.backends.xnnpack.xnnpack_preprocess")
     for backend in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)):
@@ -115,6 +128,24 @@ def frozen_garbage_collection():
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def remembered_type_hints():
+    """``typing.get_type_hints`` answering each (class, namespace) once: ``torch.export.load`` asks it
+    again for each of the ~170,000 objects it rebuilds from a saved program (1.2 of SmolLM2-135M's
+    2.8 s per program). The namespaces are torch's schema modules, which a load does not change."""
+    get_type_hints = typing.get_type_hints
+    known = {}
+
+    def remembered(obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in known:
+            known[key] = get_type_hints(obj, globalns, localns, include_extras)
+        return dict(known[key])
+
+    with unittest.mock.patch.object(typing, "get_type_hints", remembered):
+        yield
+
+
 def copy_sharing_weights(program):
     """A deep copy of ``program`` whose weights are the program's own tensors (0.1 s, not 3 s)."""
     memo = {id(t): t for t in (*program.state_dict.values(), *program.constants.values())
@@ -134,6 +165,71 @@ def _node_source_sharing_history(self, node, pass_name="", action=None):
 
 
 _NODE_SOURCE_INIT = torch.fx.traceback.NodeSource.__init__
+
+
+def _idle_edge_passes():
+    """(pass class, "call", call skipping graphs it would leave as they are) for three edge passes."""
+    from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
+    from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import (
+        ReplaceBrokenOpsWithFunctionalOpsPass,
+    )
+    from executorch.exir.passes.sym_to_tensor_pass import SymToTensorPass
+
+    def transposes(node):
+        return node.op == "call_function" and node.target == torch.ops.aten.t.default
+
+    def views(node):
+        return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+
+    def symbolic(node):  # a node without a value might be one
+        return node.op in ("placeholder", "call_function") and (
+            "val" not in node.meta or isinstance(node.meta["val"], (torch.SymInt, torch.SymFloat, torch.SymBool)))
+
+    return [(NormalizeTransposePass, "call", _unless_idle(NormalizeTransposePass.call, transposes)),
+            (ReplaceBrokenOpsWithFunctionalOpsPass, "call", _unless_idle(ReplaceBrokenOpsWithFunctionalOpsPass.call, views)),
+            (SymToTensorPass, "call", _unless_idle(SymToTensorPass.call, symbolic))]
+
+
+def _unless_idle(call, rewrites):
+    """An ExportPass's ``call`` returning the graph untouched when no node (in any submodule) is one it rewrites."""
+    from executorch.exir.pass_base import PassResult
+
+    def run(self, graph_module):
+        graphs = [m.graph for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+        if not any(rewrites(node) for graph in graphs for node in graph.nodes):
+            return PassResult(graph_module, False)
+        return call(self, graph_module)
+    return run
+
+
+def _decomposing_up_front(apply_transforms):
+    """ExecuTorch's pre-decomposition hook, then the one partitioner's decompositions, as its
+    ``_gen_edge_manager_for_partitioners`` runs them when the partitioner has no per-node check."""
+    from executorch.exir.program._program import _default_decomposition_table
+
+    def apply(program, partitioners):
+        program = apply_transforms(program, partitioners)
+        if len(partitioners) != 1 or program.dialect != "TRAINING":
+            return program
+        kept, check = partitioners[0].ops_to_not_decompose(program)
+        if check is not None:
+            return program
+        table = _default_decomposition_table()
+        for op in kept:
+            table.pop(op, None)
+        return program.run_decompositions(table)
+    return apply
+
+
+def _functional_once(run_decompositions):
+    """``ExportedProgram.run_decompositions``, returning a program already in ATen dialect as is
+    when asked for no decomposition: it is functional, and a trace would give the same graph."""
+    def run(self, decomp_table=None, decompose_custom_triton_ops=False):
+        # type(): torch's default table is a dict subclass that compares equal to {}.
+        if type(decomp_table) is dict and not decomp_table and self.dialect == "ATEN":
+            return self
+        return run_decompositions(self, decomp_table, decompose_custom_triton_ops)
+    return run
 
 
 def _linear_pass_only(init):

@@ -136,3 +136,102 @@ def test_garbage_collection_is_restored_after_lowering():
     with lowering.lean_lowering():
         assert gc.get_freeze_count() > 0 and gc.get_threshold()[2] == 50
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+def test_a_functional_program_is_not_traced_again(graph_module):
+    exported = torch.export.export(Branchy(), (torch.randn(4), torch.randn(4)))
+    functional = exported.run_decompositions({})
+    assert functional.run_decompositions({}).graph_module.code == functional.graph_module.code  # what is skipped
+    with lowering.lean_lowering():
+        assert functional.run_decompositions({}) is functional
+        assert exported.run_decompositions({}) is not exported  # not functional yet
+        # torch's default table is a dict that compares equal to {}: it still decomposes
+        assert functional.run_decompositions(torch.export.default_decompositions()) is not functional
+
+
+def test_each_method_is_traced_once_before_its_edge_passes(monkeypatch):
+    """Made functional and decomposed (silu: the linears' partitioner keeps only linears) in one trace."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.program import _program
+
+    traces, seen = [], []
+    run_decompositions, generate = torch.export.ExportedProgram.run_decompositions, _program._generate_edge_program
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *args, **kwargs: traces.append(1) or run_decompositions(self, *args, **kwargs))
+    monkeypatch.setattr(_program, "_generate_edge_program",
+                        lambda *args, **kwargs: seen.append(len(traces)) or generate(*args, **kwargs))
+    program = torch.export.export(LinearThenSilu(), (torch.randn(2, 8),))
+
+    def lower():
+        traces.clear(), seen.clear()
+        manager = to_edge_transform_and_lower(program, partitioner=[export._linears_partitioner()()])
+        return seen[0], manager.exported_program().graph_module.code
+
+    stock = lower()
+    with lowering.lean_lowering():
+        lean = lower()
+    assert (stock[0], lean[0]) == (2, 1) and lean[1] == stock[1]
+
+
+class LinearThenSilu(LinearThenRelu):
+    def forward(self, x):
+        return torch.nn.functional.silu(self.linear(x))
+
+
+class Transposed(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.aten.t.default(x) * 2
+
+
+class Viewed(torch.nn.Module):
+    def forward(self, x):
+        return x.view(12) * 2
+
+
+class Sized(torch.nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0] * 4) + x.shape[0]
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize("name, rewritten", [("NormalizeTransposePass", Transposed),
+                                             ("ReplaceBrokenOpsWithFunctionalOpsPass", Viewed),
+                                             ("SymToTensorPass", Sized)])
+def test_edge_passes_skip_only_graphs_they_leave_as_they_are(name, rewritten):
+    from executorch.exir import passes
+
+    edge_pass = getattr(passes, name)
+    for model in (rewritten(), Doubled()):
+        dynamic = {"x": {0: torch.export.Dim("rows", min=2, max=8)}} if isinstance(model, Sized) else None
+        graph_module = torch.export.export(model, (torch.randn(3, 4),), dynamic_shapes=dynamic) \
+            .run_decompositions({}).graph_module
+        original = graph_module.code
+        stock = edge_pass()(copy.deepcopy(graph_module)).graph_module.code
+        with lowering.lean_lowering():
+            lean = edge_pass()(graph_module).graph_module
+        assert lean.code == stock
+        assert (lean is graph_module) == isinstance(model, Doubled)  # skipped only when idle
+        assert (stock != original) == isinstance(model, rewritten)  # the pass does rewrite its graph
+
+
+def test_loading_remembers_type_hints_and_loads_the_same(tmp_path, monkeypatch):
+    import typing
+
+    path = tmp_path / "program.pt2"
+    torch.export.save(torch.export.export(LinearThenRelu(), (torch.randn(2, 8),)), path)
+    calls = []
+    get_type_hints = typing.get_type_hints
+    monkeypatch.setattr(typing, "get_type_hints", lambda *args, **kwargs: calls.append(1) or get_type_hints(*args, **kwargs))
+    stock, stock_calls = torch.export.load(path), len(calls)
+    with lowering.remembered_type_hints():
+        lean = torch.export.load(path)
+    assert lean.graph_module.code == stock.graph_module.code
+    assert all(torch.equal(lean.state_dict[k], stock.state_dict[k]) for k in stock.state_dict)
+    assert 0 < len(calls) - stock_calls < stock_calls / 3  # each (class, namespace) once
+    calls.clear()
+    torch.export.load(path)
+    assert len(calls) == stock_calls  # torch's own again after

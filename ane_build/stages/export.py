@@ -29,7 +29,7 @@ import torch
 
 from ane_build import worker
 from ane_build.errors import UserError
-from ane_build.lowering import lean_lowering
+from ane_build.lowering import lean_lowering, remembered_type_hints
 from ane_build.memory import release_memory
 from ane_build.model import io
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
@@ -80,7 +80,8 @@ def load_programs(entry, spec):
     import torchao.quantization.quant_primitives  # noqa: F401
 
     files = {method: Path(entry) / spec["programs"][method]["file"] for method in io.methods(spec["ane"])}
-    return {method: torch.export.load(file) for method, file in files.items()}
+    with remembered_type_hints():
+        return {method: torch.export.load(file) for method, file in files.items()}
 
 
 def lower_coreml(programs, settings, dtype, metadata):
