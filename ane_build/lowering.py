@@ -50,11 +50,11 @@ def lean_lowering():
     A patch whose target this ExecuTorch lacks is skipped (that lowering is only slower).
     Backends not imported yet are left alone (importing Core ML's costs 130 MB).
     """
+    import torch.fx.passes.infra.partitioner as fx_partitioner
+    from executorch.exir import lowered_backend_module
     from executorch.exir.backend import backend_api
     from executorch.exir.backend.canonical_partitioners import group_partitioner
-    from executorch.exir import lowered_backend_module
     from executorch.exir.program import _program
-    import torch.fx.passes.infra.partitioner as fx_partitioner
     stale = {}  # id -> graph module sorted since its code was last generated
 
     def legalize_in_place(graph_module):
@@ -94,7 +94,9 @@ def lean_lowering():
 
         patches.append((XNNPACKPassManager, "__init__", _linear_pass_only(XNNPACKPassManager.__init__)))
     if coreml:
-        from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+        from coremltools.converters.mil.mil.passes.pass_pipeline import (
+            PassPipelineManager,
+        )
 
         patches.append((PassPipelineManager, "apply_pipeline",
                         staticmethod(_validating_once(PassPipelineManager.apply_pipeline))))

@@ -118,7 +118,10 @@ class LinearThenRelu(torch.nn.Module):
 
 @pytest.mark.parametrize("model, passes", [(torch.nn.Linear(8, 4), 1), (LinearThenRelu(), None)])
 def test_xnnpack_runs_only_the_linear_pass_on_linears_alone(model, passes):
-    from executorch.backends.xnnpack._passes import ConvertToLinearPass, XNNPACKPassManager
+    from executorch.backends.xnnpack._passes import (
+        ConvertToLinearPass,
+        XNNPACKPassManager,
+    )
     from executorch.exir import EdgeCompileConfig, to_edge
 
     config = EdgeCompileConfig(preserve_ops=[torch.ops.aten.linear.default])
