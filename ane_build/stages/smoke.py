@@ -1,14 +1,15 @@
 """smoke: export entry + canonical checkpoint + recipe ``smoke:`` -> generations, speeds and top-1
 agreement with the fp32 reference; the stage fails when the program is broken.
 
-Each prompt runs through the program twice, with the runner's own code (``ane_build.runtime``):
+Each prompt runs through the program once, with the runner's own code (``ane_build.runtime``): a
+continuation of ``n_steps`` tokens (greedy at temperature 0, else sampled with seed 0). It gives
 
-- a generation of ``n_steps`` tokens (greedy at temperature 0, else sampled with seed 0): the
-  text shown and the prefill / decode speeds;
-- a teacher-forced pass over the fp32 ``ReferenceLlama``'s greedy continuation of the prompt:
-  the program's argmax at each of the ``n_steps`` positions against the reference's. Forcing
-  the reference's tokens keeps one early disagreement from making every later position differ,
-  as comparing two free generations would.
+- the text shown (up to the first stop token) and the prefill / decode speeds;
+- the top-1 agreement, teacher-forced: the fp32 ``ReferenceLlama`` reads the prompt and the same
+  continuation in one pass, and at each of the ``n_steps`` positions its argmax is compared with
+  the program's argmax there. Both always read the same tokens, so one early disagreement does
+  not make every later position differ, as comparing two free generations would; greedy, the
+  first disagreement is where their free generations would part.
 
 The program is the Core ML ``model.pte`` where this runtime has the Core ML backend (macOS),
 else the CPU twin lowered from the same exported program (Linux). The entry holds
@@ -26,7 +27,6 @@ from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
 from ane_build.runtime.generate import Generation
-from ane_build.runtime.kv_cache import KVCache, feed
 from ane_build.runtime.program import PteProgram
 from ane_build.runtime.sampling import Sampler
 from ane_build.runtime.tokenizer import TextStream, Tokenizer
@@ -85,22 +85,24 @@ def smoke_prompt(program, tokenizer, reference, prompt, params):
                                          f"{needed} past tokens in the KV cache to compare with the fp32 reference; "
                                          f"the program keeps ane.cache_size={info.cache_size}")
     watch = FiniteWatch(Sampler(params["temperature"], seed=SEED), prompt)
-    generation = Generation(program, prompt_ids, watch, n_steps, tokenizer.stop_ids(info))
-    generated = list(generation)
+    # Past a stop token too: every position is scored; the text ends at the stop token.
+    generation = Generation(program, prompt_ids, watch, n_steps)
+    continuation = list(generation)
+    stops = tokenizer.stop_ids(info)
+    generated = continuation[:next((i for i, t in enumerate(continuation) if t in stops), len(continuation))]
     stream = TextStream(tokenizer, prompt_ids)
     text = "".join(stream.push(token) for token in generated) + stream.flush()
 
-    expected = reference.greedy(prompt_ids, n_steps)
-    predicted = teacher_forced(program, prompt_ids, expected, prompt)
+    predicted, expected = watch.argmaxes, reference_choices(reference, prompt_ids, continuation)
     agreeing = sum(p == e for p, e in zip(predicted, expected))
     stats = generation.stats
     result = {
         "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": generated, "text": text,
-        "top1_agreement": agreeing / n_steps, "agreeing_positions": agreeing,
+        "top1_agreement": agreeing / len(predicted), "agreeing_positions": agreeing, "positions": len(predicted),
         "first_divergence": next((i for i, (p, e) in enumerate(zip(predicted, expected)) if p != e), None),
         "reference_ids": expected, "program_ids": predicted,
-        # Every logit vector of both runs was checked (a non-finite one fails the stage at once).
-        "finite_logits_checked": watch.checked + len(predicted),
+        # Every logit vector was checked (a non-finite one fails the stage at once).
+        "finite_logits_checked": len(watch.argmaxes),
         "prefill": {"tokens": stats.prompt_tokens, "seconds": stats.prefill_seconds,
                     "tokens_per_second": stats.prefill_tokens_per_second},
         "decode": {"tokens": stats.decode_calls, "seconds": stats.decode_seconds,
@@ -113,14 +115,14 @@ def smoke_prompt(program, tokenizer, reference, prompt, params):
 
 class FiniteWatch:
     """A sampler that first refuses logits holding a NaN or inf (sampling would fail on them, or
-    pick a meaningless token)."""
+    pick a meaningless token), and keeps each one's argmax."""
 
     def __init__(self, sampler, prompt):
-        self.sampler, self.prompt, self.checked = sampler, prompt, 0
+        self.sampler, self.prompt, self.argmaxes = sampler, prompt, []
 
     def __call__(self, logits):
-        check_finite(logits, self.prompt, f"generated token {self.checked}")
-        self.checked += 1
+        check_finite(logits, self.prompt, f"generated token {len(self.argmaxes)}")
+        self.argmaxes.append(int(logits.argmax()))
         return self.sampler(logits)
 
 
@@ -130,16 +132,11 @@ def check_finite(logits, prompt, where):
                                  "exported program is broken")
 
 
-def teacher_forced(program, prompt_ids, continuation, prompt):
-    """The program's argmax after the prompt and after each token of ``continuation`` but the last,
-    fed one call at a time through the runner's KV cache, as a generation feeds its tokens."""
-    cache = KVCache(program.info, program.methods)
-    predicted = []
-    for i, chunk in enumerate([prompt_ids] + [[token] for token in continuation[:-1]]):
-        logits = feed(program, cache, chunk)
-        check_finite(logits, prompt, f"teacher-forced position {i}")
-        predicted.append(int(logits.argmax()))
-    return predicted
+def reference_choices(reference, prompt_ids, continuation):
+    """The reference's argmax after the prompt and after each token of ``continuation`` but the
+    last, from one pass over them all."""
+    logits = reference(torch.tensor([prompt_ids + continuation[:-1]]))[0, len(prompt_ids) - 1:]
+    return logits.argmax(-1).tolist()
 
 
 def summarize(results, runtime):
@@ -166,7 +163,7 @@ def check(result, params):
     if result["top1_agreement"] < params["min_top1_agreement"]:
         raise UserError("smoke.min_top1_agreement",
                         f"prompt {prompt!r}: top-1 agreement with the fp32 reference is "
-                        f"{result['top1_agreement']:.3f} ({result['agreeing_positions']} of {params['n_steps']} "
+                        f"{result['top1_agreement']:.3f} ({result['agreeing_positions']} of {result['positions']} "
                         f"teacher-forced positions, first divergence at {result['first_divergence']}), below "
                         f"{params['min_top1_agreement']}")
 
