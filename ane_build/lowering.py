@@ -10,7 +10,6 @@ import copy
 import gc
 import operator
 import sys
-import typing
 import unittest.mock
 
 import torch
@@ -128,24 +127,6 @@ def frozen_garbage_collection():
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
-
-
-@contextlib.contextmanager
-def remembered_type_hints():
-    """``typing.get_type_hints`` answering each (class, namespace) once: ``torch.export.load`` asks it
-    again for each of the ~170,000 objects it rebuilds from a saved program (1.2 of SmolLM2-135M's
-    2.8 s per program). The namespaces are torch's schema modules, which a load does not change."""
-    get_type_hints = typing.get_type_hints
-    known = {}
-
-    def remembered(obj, globalns=None, localns=None, include_extras=False):
-        key = (obj, id(globalns), id(localns), include_extras)
-        if key not in known:
-            known[key] = get_type_hints(obj, globalns, localns, include_extras)
-        return dict(known[key])
-
-    with unittest.mock.patch.object(typing, "get_type_hints", remembered):
-        yield
 
 
 def copy_sharing_weights(program):

@@ -219,22 +219,3 @@ def test_edge_passes_skip_only_graphs_they_leave_as_they_are(name, rewritten):
         assert lean.code == stock
         assert (lean is graph_module) == isinstance(model, Doubled)  # skipped only when idle
         assert (stock != original) == isinstance(model, rewritten)  # the pass does rewrite its graph
-
-
-def test_loading_remembers_type_hints_and_loads_the_same(tmp_path, monkeypatch):
-    import typing
-
-    path = tmp_path / "program.pt2"
-    torch.export.save(torch.export.export(LinearThenRelu(), (torch.randn(2, 8),)), path)
-    calls = []
-    get_type_hints = typing.get_type_hints
-    monkeypatch.setattr(typing, "get_type_hints", lambda *args, **kwargs: calls.append(1) or get_type_hints(*args, **kwargs))
-    stock, stock_calls = torch.export.load(path), len(calls)
-    with lowering.remembered_type_hints():
-        lean = torch.export.load(path)
-    assert lean.graph_module.code == stock.graph_module.code
-    assert all(torch.equal(lean.state_dict[k], stock.state_dict[k]) for k in stock.state_dict)
-    assert 0 < len(calls) - stock_calls < stock_calls / 3  # each (class, namespace) once
-    calls.clear()
-    torch.export.load(path)
-    assert len(calls) == stock_calls  # torch's own again after

@@ -25,11 +25,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from ane_build import worker
+from ane_build import saved_programs, worker
 from ane_build.errors import UserError
-from ane_build.lowering import lean_lowering, remembered_type_hints
+from ane_build.lowering import lean_lowering
 from ane_build.memory import release_memory
 from ane_build.model import io
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
@@ -76,12 +74,8 @@ def _ios18_reasons(spec):
 
 def load_programs(entry, spec):
     """{method: ExportedProgram} of a quantize entry, forward first (the multifunction default)."""
-    # Registers torch.ops.torchao.dequantize_affine, which the saved graphs call.
-    import torchao.quantization.quant_primitives  # noqa: F401
-
     files = {method: Path(entry) / spec["programs"][method]["file"] for method in io.methods(spec["ane"])}
-    with remembered_type_hints():
-        return {method: torch.export.load(file) for method, file in files.items()}
+    return {method: saved_programs.load(file) for method, file in files.items()}
 
 
 def lower_coreml(programs, settings, dtype, metadata):
@@ -147,7 +141,9 @@ def _linears_partitioner():
     With a check, ExecuTorch keeps those ops (linear) through two extra decompositions of the
     whole program; without, by leaving them out of its decomposition table. Same nodes kept
     when every candidate passes, so then the cheap way is taken."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
 
     class LinearsPartitioner(XnnpackPartitioner):
         def ops_to_not_decompose(self, ep):
@@ -168,7 +164,9 @@ def write_pte(manager, path, quant_fusion=True):
     from executorch.exir.capture._config import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from executorch.exir.passes.sym_shape_eval_pass import (
+        ConstraintBasedSymShapeEvalPass,
+    )
 
     programs = [manager.exported_program(method) for method in manager.methods]
     quant_fusion = quant_fusion or any(getattr(node.target, "namespace", None) in ("quantized_decomposed", "torchao")
@@ -191,7 +189,9 @@ def write_pte(manager, path, quant_fusion=True):
 
 def delegation_report(manager):
     """How much of each method Core ML took: ops inside its partitions, and every op left outside."""
-    from torch._higher_order_ops.executorch_call_delegate import executorch_call_delegate
+    from torch._higher_order_ops.executorch_call_delegate import (
+        executorch_call_delegate,
+    )
 
     methods = {}
     for method in manager.methods:

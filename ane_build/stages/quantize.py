@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ane_build import saved_programs
 from ane_build.errors import UserError
 from ane_build.model import io
 
@@ -86,7 +87,11 @@ def _check_divisible(model, settings):
 
 def _quantize(model, settings):
     from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType, quantize_
+    from torchao.quantization.quant_api import (
+        IntxWeightOnlyConfig,
+        MappingType,
+        quantize_,
+    )
 
     if settings["embedding"]:
         bits, group = settings["embedding"]["bits"], settings["embedding"]["group"]
@@ -140,7 +145,7 @@ def run(inputs, params, out_dir):
         # on a real model, and gives the same graph for this plain static-shape module.
         program = torch.export.export(model, io.example_inputs(spec, seq_length), strict=False)
         programs[method] = {"file": f"{method}.pt2", "seq_length": seq_length}
-        torch.export.save(program, out_dir / programs[method]["file"])
+        saved_programs.save(program, out_dir / programs[method]["file"])
         metrics[f"{method}_export_seconds"] = round(time.time() - started, 2)
 
     io.copy_tokenizer(spec["tokenizer"], rewrite_dir, out_dir)
