@@ -8,6 +8,7 @@ import collections
 import contextlib
 import copy
 import gc
+import importlib
 import operator
 import sys
 import unittest.mock
@@ -42,6 +43,9 @@ def lean_lowering():
     - Of ExecuTorch's ~10 edge passes, each re-tracing the whole program (a second a method),
       three change nothing in a graph without what they rewrite (``aten.t``, view ops, symbolic
       values): on such a graph they are skipped.
+    - Each pass over a lowered program runs every delegated partition on fake tensors just for
+      the shapes of its outputs (a second per Core ML partition). Here those come from the
+      partition's own recorded output values, when their shapes are static.
     - XNNPACK runs its 17 passes on each partition (the twin has 121 per method), each a fresh
       program. On a partition of linear ops alone only its linear conversion can apply (the
       others rewrite convolutions, norms, activations, concatenations, copies...), so such a
@@ -83,6 +87,8 @@ def lean_lowering():
                (torch.export.ExportedProgram, "run_decompositions",
                 _functional_once(torch.export.ExportedProgram.run_decompositions))]
     patches += _idle_edge_passes()
+    delegate_calls = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
+    patches.append((delegate_calls, "call_delegate_cpu", _answering_fake_calls(delegate_calls.call_delegate_cpu)))
     coreml = sys.modules.get("executorch.backends.apple.coreml.compiler.coreml_preprocess")
     xnnpack = sys.modules.get("executorch.backends.xnnpack.xnnpack_preprocess")
     for backend in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)):
@@ -183,6 +189,28 @@ def _unless_idle(call, rewrites):
             return PassResult(graph_module, False)
         return call(self, graph_module)
     return run
+
+
+def _answering_fake_calls(call_delegate_cpu):
+    """``executorch_call_delegate``'s CPU implementation, which on fake tensors gives fake outputs
+    shaped as the partition's recorded output values instead of running the partition."""
+    from torch._guards import detect_fake_mode
+    from torch.export.graph_signature import OutputKind
+    from torch.utils import _pytree as pytree
+
+    def call(lowered_module, *args):
+        program = lowered_module.original_module
+        outputs = program.graph.output_node().args[0]
+        values = [getattr(node, "meta", {}).get("val") for node, spec in zip(outputs, program.graph_signature.output_specs)
+                  if spec.kind == OutputKind.USER_OUTPUT]
+        fake_mode = detect_fake_mode(args)
+        if fake_mode is None or not all(isinstance(v, torch.Tensor) and all(isinstance(n, int) for n in (*v.shape, *v.stride()))
+                                        for v in values):
+            return call_delegate_cpu(lowered_module, *args)
+        with fake_mode:
+            fakes = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in values]
+        return pytree.tree_unflatten(fakes, program.call_spec.out_spec)
+    return call
 
 
 def _decomposing_up_front(apply_transforms):

@@ -219,3 +219,31 @@ def test_edge_passes_skip_only_graphs_they_leave_as_they_are(name, rewritten):
         assert lean.code == stock
         assert (lean is graph_module) == isinstance(model, Doubled)  # skipped only when idle
         assert (stock != original) == isinstance(model, rewritten)  # the pass does rewrite its graph
+
+
+def test_fake_delegate_calls_answer_from_recorded_outputs(monkeypatch):
+    from executorch.exir import to_edge_transform_and_lower
+    from torch._higher_order_ops.executorch_call_delegate import executorch_call_delegate
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    manager = to_edge_transform_and_lower(torch.export.export(LinearThenSilu(), (torch.randn(2, 8),)),
+                                          partitioner=[export._linears_partitioner()()])
+    lowered = manager.exported_program().graph_module.lowered_module_0
+    real = torch.randn(2, 8)
+    runs, module = [], lowered.original_module.module
+    monkeypatch.setattr(lowered.original_module, "module", lambda: runs.append(1) or module())
+
+    def call(x):
+        out = executorch_call_delegate(lowered, x)
+        return [(o.shape, o.stride(), o.dtype, type(o).__name__) for o in out], type(out)
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # as ExportPass makes it
+        fake = mode.from_tensor(real)
+        stock = call(fake)
+        with lowering.lean_lowering():
+            lean = call(fake)
+    assert lean == stock and stock[0][0][3] == "FakeTensor"
+    assert len(runs) == 1  # the stock call ran the partition; ours did not
+    stock_real = executorch_call_delegate(lowered, real)[0]
+    with lowering.lean_lowering():  # real tensors still run the partition
+        assert torch.equal(executorch_call_delegate(lowered, real)[0], stock_real)
