@@ -223,7 +223,9 @@ def test_edge_passes_skip_only_graphs_they_leave_as_they_are(name, rewritten):
 
 def test_fake_delegate_calls_answer_from_recorded_outputs(monkeypatch):
     from executorch.exir import to_edge_transform_and_lower
-    from torch._higher_order_ops.executorch_call_delegate import executorch_call_delegate
+    from torch._higher_order_ops.executorch_call_delegate import (
+        executorch_call_delegate,
+    )
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     manager = to_edge_transform_and_lower(torch.export.export(LinearThenSilu(), (torch.randn(2, 8),)),
