@@ -42,7 +42,9 @@ def lean_lowering():
       one trace does both, with the kept ops asked of the program as exported.
     - Of ExecuTorch's ~10 edge passes, each re-tracing the whole program (a second a method),
       three change nothing in a graph without what they rewrite (``aten.t``, view ops, symbolic
-      values): on such a graph they are skipped.
+      values): on such a graph they are skipped. The last three (mixed dtypes cast, ATen ops
+      made edge ops, memory formats made dim orders) each rewrite one op at a time and hand it
+      on: here they run as one pass, each op through the three in turn.
     - Each pass over a lowered program runs every delegated partition on fake tensors just for
       the shapes of its outputs (a second per Core ML partition). Here those come from the
       partition's own recorded output values, when their shapes are static.
@@ -86,7 +88,7 @@ def lean_lowering():
                 _decomposing_up_front(_program._apply_pre_decomposition_transforms)),
                (torch.export.ExportedProgram, "run_decompositions",
                 _functional_once(torch.export.ExportedProgram.run_decompositions))]
-    patches += _idle_edge_passes()
+    patches += _idle_edge_passes() + _fused_edge_op_passes(_program)
     delegate_calls = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
     patches.append((delegate_calls, "call_delegate_cpu", _answering_fake_calls(delegate_calls.call_delegate_cpu)))
     coreml = sys.modules.get("executorch.backends.apple.coreml.compiler.coreml_preprocess")
@@ -211,6 +213,38 @@ def _answering_fake_calls(call_delegate_cpu):
             fakes = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in values]
         return pytree.tree_unflatten(fakes, program.call_spec.out_spec)
     return call
+
+
+def _fused_edge_op_passes(program_module):
+    """Patches making ExecuTorch's last three aten-to-edge passes one.
+
+    Each overrides only ``call_operator`` and ends in ``super().call_operator``, so a class
+    inheriting all three, in order, hands each op through them as running them one after the
+    other would. The one op a pass adds itself (a dtype cast, through ``self.call_operator``)
+    also goes through all three, as in sequence the later two would see it and the first passes
+    it on unchanged (it has one argument). The fused pass takes the place of the first; the
+    other two, which ExecuTorch runs right after it, are then left with nothing to do."""
+    from executorch.exir.pass_base import ExportPass, PassResult
+    from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsPass
+    from executorch.exir.passes.remove_mixed_type_operators import (
+        RemoveMixedTypeOperators,
+    )
+    from executorch.exir.passes.replace_aten_with_edge_pass import OpReplacePass
+
+    class Done(ExportPass):
+        def call(self, graph_module):
+            return PassResult(graph_module, False)
+
+    get_passes = program_module._get_aten_to_edge_passes
+
+    def edge_passes(config):
+        pre, post = get_passes(config)
+        chain = (RemoveMixedTypeOperators, OpReplacePass) + (() if config._skip_dim_order else (MemoryFormatOpsPass,))
+        fused = type("FusedEdgeOpPasses", chain, {})
+        return [fused() if type(p) is RemoveMixedTypeOperators else p for p in pre], post
+
+    return [(program_module, "_get_aten_to_edge_passes", edge_passes),
+            (program_module, "OpReplacePass", Done), (program_module, "MemoryFormatOpsPass", Done)]
 
 
 def _decomposing_up_front(apply_transforms):

@@ -249,3 +249,24 @@ def test_fake_delegate_calls_answer_from_recorded_outputs(monkeypatch):
     stock_real = executorch_call_delegate(lowered, real)[0]
     with lowering.lean_lowering():  # real tensors still run the partition
         assert torch.equal(executorch_call_delegate(lowered, real)[0], stock_real)
+
+
+class MixedTypes(torch.nn.Module):
+    """An fp16 tensor times an fp32 one (a cast added), copies in a memory format (dim orders)."""
+
+    def forward(self, x, y):
+        return (x.half() * y).clone(memory_format=torch.contiguous_format) + y.to(torch.float16)
+
+
+@pytest.mark.parametrize("skip_dim_order", [False, True])
+def test_fused_edge_op_passes_write_the_same_edge_program(skip_dim_order):
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    program = torch.export.export(MixedTypes(), (torch.randn(2, 3), torch.randn(2, 3)))
+    config = EdgeCompileConfig(_skip_dim_order=skip_dim_order)
+    stock = to_edge(program, compile_config=config).exported_program().graph_module.code
+    with lowering.lean_lowering():
+        lean = to_edge(program, compile_config=config).exported_program().graph_module.code
+    assert lean == stock
+    assert stock.count("dtype = torch.float32") == 2  # the casts the mixed-dtype pass adds itself
+    assert ("_clone_dim_order" in stock) != skip_dim_order  # the memory format pass ran, or not
