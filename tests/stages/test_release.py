@@ -5,7 +5,14 @@ import pytest
 
 from ane_build import keys
 from ane_build.errors import UserError
-from tests.stages.tiny_export import CORE_ML_STAND_IN, STAGE_KEYS, read_json, released, run_release, tiny_recipe
+from tests.stages.tiny_export import (
+    CORE_ML_STAND_IN,
+    STAGE_KEYS,
+    read_json,
+    released,
+    run_release,
+    tiny_recipe,
+)
 
 NAME = "tiny-phone"  # the recipe tiny/phone
 FILES = ["delegation.txt", "manifest.json", "model.pte", "smoke.md", "tokenizer.model"]
@@ -61,6 +68,33 @@ def test_the_archive_is_the_bundle_folder_without_host_details(built):
         assert [m.name for m in members] == [NAME] + [f"{NAME}/{name}" for name in FILES]
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
         assert tar.extractfile(f"{NAME}/model.pte").read() == CORE_ML_STAND_IN
+
+
+def test_the_archive_compresses_blocks_side_by_side_into_one_gzip_stream(built, inputs, tmp_path, monkeypatch):
+    """Small blocks: many gzip members, read as one stream, the same bytes run after run."""
+    import gzip
+
+    from ane_build.stages import release
+
+    single = (built["release"] / NAME / f"{NAME}.tar.gz").read_bytes()
+    monkeypatch.setattr(release.GzipMembers, "BLOCK", 1000)
+    for run in ("a", "b"):
+        run_release(inputs, tmp_path / run)
+    blocks = [(tmp_path / run / NAME / f"{NAME}.tar.gz").read_bytes() for run in ("a", "b")]
+    assert blocks[0] == blocks[1] != single
+    assert gzip.decompress(blocks[0]) == gzip.decompress(single)
+    with tarfile.open(tmp_path / "a" / NAME / f"{NAME}.tar.gz") as tar:
+        assert tar.extractfile(f"{NAME}/model.pte").read() == CORE_ML_STAND_IN
+
+
+def test_an_empty_stream_is_one_empty_gzip_member(tmp_path):
+    import gzip
+
+    from ane_build.stages import release
+
+    with open(tmp_path / "empty.gz", "wb") as raw, release.GzipMembers(raw):
+        pass
+    assert gzip.decompress((tmp_path / "empty.gz").read_bytes()) == b""
 
 
 def test_release_name_names_the_bundle(inputs, tmp_path):
