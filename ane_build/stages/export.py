@@ -297,7 +297,7 @@ def lowering_jobs():
     """How many lowerings run at once, from ``ANE_BUILD_JOBS`` (a machine's choice, not a recipe's:
     the files written are the same). 2, the default: the twin in a second process beside Core
     ML, least time. 1: the twin after Core ML in the same process, least memory (SmolLM2-135M's
-    export peaks at 1.37 GB that way instead of 2.4-3.1 GB for both processes)."""
+    export peaks at 1.35 GB that way instead of 2.2-2.4 GB for both processes)."""
     value = os.environ.get(JOBS_VARIABLE, "2")
     if value not in ("1", "2"):
         raise UserError(JOBS_VARIABLE, f"expected 1 (lower the twin after Core ML: least memory) or 2 "
