@@ -107,3 +107,18 @@ def test_a_runtime_with_core_ml_runs_model_pte():
 def test_generated_text_cannot_close_its_fence():
     assert smoke._fence("plain") == "```" and smoke._fence("a ```` b") == "`````"
 
+
+
+def test_a_stop_token_ends_the_text_but_every_position_is_scored(fp32, tmp_path, monkeypatch):
+    from ane_build.runtime.tokenizer import Tokenizer
+
+    run_smoke(fp32, tmp_path / "free")
+    free = read_json(tmp_path / "free" / smoke.REPORT_JSON)["prompts"][0]
+    stop = free["generated_ids"][3]
+    first = free["generated_ids"].index(stop)
+    monkeypatch.setattr(Tokenizer, "stop_ids", lambda self, info: {stop})
+    run_smoke(fp32, tmp_path / "stopped")
+    stopped = read_json(tmp_path / "stopped" / smoke.REPORT_JSON)["prompts"][0]
+    assert stopped["generated_ids"] == free["generated_ids"][:first]
+    assert stopped["text"] != free["text"] and free["text"].startswith(stopped["text"].rstrip())
+    assert (stopped["positions"], stopped["program_ids"]) == (SMOKE["n_steps"], free["program_ids"])
