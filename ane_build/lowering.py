@@ -197,22 +197,27 @@ def _answering_fake_calls(call_delegate_cpu):
     """``executorch_call_delegate``'s CPU implementation, which on fake tensors gives fake outputs
     shaped as the partition's recorded output values instead of running the partition."""
     from torch._guards import detect_fake_mode
-    from torch.export.graph_signature import OutputKind
     from torch.utils import _pytree as pytree
 
     def call(lowered_module, *args):
-        program = lowered_module.original_module
-        outputs = program.graph.output_node().args[0]
-        values = [getattr(node, "meta", {}).get("val") for node, spec in zip(outputs, program.graph_signature.output_specs)
-                  if spec.kind == OutputKind.USER_OUTPUT]
-        fake_mode = detect_fake_mode(args)
-        if fake_mode is None or not all(isinstance(v, torch.Tensor) and all(isinstance(n, int) for n in (*v.shape, *v.stride()))
-                                        for v in values):
+        program, fake_mode = lowered_module.original_module, detect_fake_mode(args)
+        values = _static_outputs(program)
+        if fake_mode is None or values is None:
             return call_delegate_cpu(lowered_module, *args)
         with fake_mode:
             fakes = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in values]
         return pytree.tree_unflatten(fakes, program.call_spec.out_spec)
     return call
+
+
+def _static_outputs(program):
+    """The recorded values of ``program``'s user outputs; None unless each is a tensor of static shape."""
+    from torch.export.graph_signature import OutputKind
+
+    nodes, specs = program.graph.output_node().args[0], program.graph_signature.output_specs
+    values = [getattr(node, "meta", {}).get("val") for node, spec in zip(nodes, specs) if spec.kind == OutputKind.USER_OUTPUT]
+    static = all(isinstance(v, torch.Tensor) and all(isinstance(n, int) for n in (*v.shape, *v.stride())) for v in values)
+    return values if static else None
 
 
 def _fused_edge_op_passes(program_module):
@@ -239,6 +244,8 @@ def _fused_edge_op_passes(program_module):
 
     def edge_passes(config):
         pre, post = get_passes(config)
+        if not any(type(p) is RemoveMixedTypeOperators for p in pre):  # the fused pass would not run
+            raise RuntimeError("ExecuTorch's aten-to-edge passes changed; lean_lowering's fusion needs updating")
         chain = (RemoveMixedTypeOperators, OpReplacePass) + (() if config._skip_dim_order else (MemoryFormatOpsPass,))
         fused = type("FusedEdgeOpPasses", chain, {})
         return [fused() if type(p) is RemoveMixedTypeOperators else p for p in pre], post
