@@ -100,7 +100,7 @@ class GzipMembers:
     BLOCK = 16 << 20
 
     def __init__(self, raw):
-        self.raw, self.buffer, self.pending, self.members, self.written = raw, bytearray(), collections.deque(), 0, 0
+        self.raw, self.buffer, self.pending, self.written = raw, bytearray(), collections.deque(), 0
         self.workers = os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers)  # zlib lets go of the GIL
 
@@ -117,7 +117,6 @@ class GzipMembers:
 
     def _submit(self, block):
         self.pending.append(self.pool.submit(gzip.compress, block, compresslevel=1, mtime=0))
-        self.members += 1
         while len(self.pending) > 2 * self.workers or (self.pending and self.pending[0].done()):
             self.raw.write(self.pending.popleft().result())
 
@@ -127,7 +126,7 @@ class GzipMembers:
     def __exit__(self, *exc):
         try:
             if exc[0] is None:
-                if self.buffer or not self.members:  # an empty input is one empty member
+                if self.buffer or not self.written:  # an empty input is one empty member
                     self._submit(bytes(self.buffer))
                 while self.pending:
                     self.raw.write(self.pending.popleft().result())
