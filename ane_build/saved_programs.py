@@ -3,9 +3,10 @@ in less time.
 
 - Saving checks that the program has a well-defined canonical form by building one (a deep copy
   of the whole serialized program, re-sorted) and throwing it away: the file written is the
-  program as serialized, never that form. 1.5 of SmolLM2-135M's 2.7 s per program; skipped.
+  program as serialized, never that form: skipped (SmolLM2-135M's forward program: 3.0 s to
+  save with torch's own, 1.2 s here, the same bytes; medians of 3, side by side).
 - Loading asks ``typing.get_type_hints`` again for each of the ~170,000 objects it rebuilds:
-  here each (class, namespace) is asked once (1.2 of 2.8 s per program).
+  here each (class, namespace) is asked once (the same program: 2.8 s, 1.65 s here).
 """
 
 import contextlib
