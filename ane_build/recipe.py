@@ -131,10 +131,19 @@ def _check_rules(recipe, where):
     if cache < 1 or cache + ane["seq_length"] > ane["max_seq_length"]:
         raise UserError(where, f"ane.cache_size: cache_size + seq_length must be <= max_seq_length "
                                f"({cache} + {ane['seq_length']} > {ane['max_seq_length']})")
+    _check_overrides(recipe["quantize"]["overrides"] or {}, where)
     _check_deployment_target(recipe, where)
     prompts = recipe["smoke"]["prompts"]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise UserError(where, f"smoke.prompts: expected a list of non-empty strings; got {prompts!r}")
+
+
+def _check_overrides(overrides, where):
+    kinds = schema.SCHEMA["quantize"]["linear"].choices
+    for pattern, kind in overrides.items():
+        if not isinstance(pattern, str) or kind not in kinds:
+            raise UserError(where, f"quantize.overrides.{pattern}: expected a module pattern (a string) mapped to "
+                                   f"one of {', '.join(kinds)}; got {kind!r}")
 
 
 def _check_deployment_target(recipe, where):
@@ -143,12 +152,10 @@ def _check_deployment_target(recipe, where):
     if target == "iOS18":
         return
     quant, dtype = recipe["quantize"], recipe["ane"]["dtype"]
-    if quant["linear"] == "b4w":
-        raise UserError(where, f"quantize.linear: b4w needs export.minimum_deployment_target iOS18 "
-                               f"(Core ML blockwise quantization); got {target}")
-    if quant["linear"] != "none":
-        raise UserError(where, f"quantize.linear: 4-bit weights need export.minimum_deployment_target "
-                               f"iOS18; got {target}")
+    kinds = sorted({quant["linear"], *(quant.get("overrides") or {}).values()} - {"none"})
+    if kinds:
+        raise UserError(where, f"quantize.linear: quantized linear weights ({'/'.join(kinds)}) need "
+                               f"export.minimum_deployment_target iOS18 (checked on coremltools 9.0); got {target}")
     if quant["embedding"] not in (None, "8,0"):
         raise UserError(where, f"quantize.embedding: before iOS18 Core ML takes only '8,0' (8-bit, one "
                                f"scale per row); got {quant['embedding']!r} with {target}")

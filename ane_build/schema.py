@@ -55,11 +55,15 @@ SCHEMA = {
         "decode_method": Field(bool, False, help="add a one-token decode method beside forward"),
     },
     "quantize": {
-        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w"),
-                        help="4-bit weights per channel (c4w) or per block (b4w)"),
+        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w", "c8w"),
+                        help="weights at 4 bits per channel (c4w) or per block (b4w), 8 bits per channel (c8w)"),
         "group_size": Field(int, 32, minimum=1, help="b4w block size along in_features"),
         "mapping": Field(str, "symmetric", choices=("symmetric", "asymmetric"),
                          help="linear weights: a scale per channel/block (the seed's), or a scale and a zero point"),
+        "scales": Field(str, "minmax", choices=("minmax", "hqq"),
+                        help="how scales are fitted: span each channel (minmax) or minimise the error (hqq)"),
+        "overrides": Field(dict, None, nullable=True,
+                           help="{module pattern: kind} for some linears, e.g. {output: c8w} (mixed precision)"),
         "embedding": Field(str, None, pattern=r"^(4|8),\d+$", nullable=True,
                            help="'bits,group' (bits 4 or 8; group 0 = per channel)"),
     },
@@ -72,7 +76,10 @@ SCHEMA = {
         "prompts": Field(list, ["Once upon a time,"], help="prompts generated from"),
         "n_steps": Field(int, 32, minimum=1, help="tokens generated and teacher-forced per prompt"),
         "min_top1_agreement": Field(float, 0.9, minimum=0, maximum=1,
-                                    help="fail below this top-1 agreement with fp32"),
+                                    help="fail below this top-1 agreement with fp32 (each prompt, the eval text)"),
+        "max_mean_kld": Field(float, 0.05, minimum=0, help="fail above this mean KL divergence from fp32 "
+                                                              "on the evaluation text"),
+        "eval_tokens": Field(int, 512, minimum=0, help="tokens of the evaluation text scored (0: none)"),
         "temperature": Field(float, 0.0, minimum=0, help="0 is greedy"),
     },
     "release": {
@@ -152,7 +159,8 @@ def _json_section(spec):
 
 
 def _json_field(field):
-    kind = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array"}[field.type]
+    kind = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
+            dict: "object"}[field.type]
     out = {"type": [kind, "null"] if field.nullable else kind, "description": field.help}
     if field.default is not None:
         out["default"] = field.default

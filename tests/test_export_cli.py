@@ -55,7 +55,7 @@ def test_seed_flags_write_a_delegated_pte_and_its_twin(seed_files, tmp_path):
     (["-E", "3,32"], "-E/--embedding-quantize: expected a value matching"),
     (["--seq_length", "64", "--max_seq_length", "64"], "cache_size + seq_length must be <= max_seq_length"),
     (["--compute_unit", "NPU"], "--compute_unit: expected one of CPU_ONLY"),
-    (["--coreml-quantize", "b4w", "--minimum_deployment_target", "iOS17"], "b4w needs export.minimum_deployment_target iOS18"),
+    (["--coreml-quantize", "b4w", "--minimum_deployment_target", "iOS17"], "weights (b4w) need export.minimum_deployment_target iOS18"),
 ])
 def test_bad_flags_are_one_line(seed_files, tmp_path, flags, expected):
     out = tmp_path / "x.pte"

@@ -59,7 +59,7 @@ def test_wrong_type(write):
 
 def test_bad_choice_names_file_key_and_choices(write):
     msg = load_err(write("r.yaml", SOURCE + "quantize: {linear: c5w}\n"))
-    assert msg.endswith("r.yaml: quantize.linear: expected one of none, c4w, b4w; got 'c5w'")
+    assert msg.endswith("r.yaml: quantize.linear: expected one of none, c4w, b4w, c8w; got 'c5w'")
 
 
 def test_out_of_range(write):
@@ -81,9 +81,10 @@ def test_cache_size_rule(write):
     assert "ane.cache_size: cache_size + seq_length must be <= max_seq_length" in msg
 
 
-def test_b4w_needs_ios18(write):
-    msg = load_err(write("r.yaml", SOURCE + "quantize: {linear: b4w}\nexport: {minimum_deployment_target: iOS17}\n"))
-    assert "quantize.linear: b4w needs export.minimum_deployment_target iOS18" in msg
+@pytest.mark.parametrize("quantize", ["{linear: b4w}", "{linear: none, overrides: {output: c8w}}"])
+def test_quantized_linears_need_ios18(write, quantize):
+    msg = load_err(write("r.yaml", SOURCE + f"quantize: {quantize}\nexport: {{minimum_deployment_target: iOS17}}\n"))
+    assert "quantize.linear: quantized linear weights (" in msg and "need export.minimum_deployment_target iOS18" in msg
 
 
 def test_embedding_spec_malformed(write):

@@ -31,6 +31,7 @@ from ane_build.lowering import lean_lowering
 from ane_build.memory import release_memory
 from ane_build.model import io
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
+from ane_build.stages import quantize
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"
@@ -62,8 +63,9 @@ def _ios18_reasons(spec):
         # Before iOS18 the converter decomposes attention and adds the fp16 mask to fp32 scores.
         reasons.append("an fp16 model (ane.dtype=fp16)")
     quantized = spec["quantize"]
-    if quantized["linear"] != "none":
-        reasons.append(f"4-bit linear weights (quantize.linear={quantized['linear']})")
+    kinds = quantize.quantized_kinds(quantized)
+    if kinds:
+        reasons.append(f"quantized linear weights ({'/'.join(kinds)}: quantize.linear={quantized['linear']})")
     embedding = quantized["embedding"]
     # Older targets dequantize only 8-bit weights with one scale per row.
     if embedding and (embedding["bits"] != 8 or embedding["group"]):

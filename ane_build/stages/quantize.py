@@ -2,12 +2,14 @@
 
 Weights are quantized with torchao as the seed export does (weight-only; symmetric unless
 ``quantize.mapping`` asks for a zero point too; the Core ML converter turns torchao's
-``dequantize_affine`` into its constexpr ops). One program per method: ``forward.pt2``
+``dequantize_affine`` into its constexpr ops). Each linear gets ``quantize.linear``'s kind
+unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits). One program per method: ``forward.pt2``
 (seq_length tokens) and, when ``ane.decode_method`` is set, ``decode.pt2`` (one token). The
 entry carries ``spec.json`` (with a ``quantize`` section added) and the tokenizer forward, so
 the export stage reads only this entry.
 """
 
+import fnmatch
 import logging
 import math
 import time
@@ -21,24 +23,64 @@ from ane_build.errors import UserError
 from ane_build.model import io
 
 log = logging.getLogger(__name__)
-LINEAR_KINDS = ("none", "c4w", "b4w")
+# {kind: bits per weight}. c4w/c8w: one scale (and zero point) per output channel, the form the
+# Neural Engine runs; b4w: one per block of group_size inputs (Mac GPU; the ANE wants channels).
+LINEAR_BITS = {"none": None, "c4w": 4, "b4w": 4, "c8w": 8}
+LINEAR_KINDS = tuple(LINEAR_BITS)
 MAPPINGS = ("symmetric", "asymmetric")
+# minmax spans each channel's range (the seed's); hqq picks the scale that minimises the error
+# (torchao's half-quadratic solver, scale only: symmetric).
+SCALES = ("minmax", "hqq")
 FLOAT_BITS = {"fp16": 16, "fp32": 32}
 
 
 def resolve(params):
     """The ``quantize:`` settings checked, with the embedding spec parsed to {"bits", "group"} or None."""
-    linear = params.get("linear", "c4w")
-    if linear not in LINEAR_KINDS:
-        raise UserError("", f"quantize.linear={linear!r}: expected one of {', '.join(LINEAR_KINDS)}")
+    linear = _kind(params.get("linear", "c4w"), "quantize.linear")
     group_size = params.get("group_size", 32)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise UserError("", f"quantize.group_size={group_size!r}: expected a positive integer")
-    mapping = params.get("mapping", "symmetric")
-    if mapping not in MAPPINGS:
-        raise UserError("", f"quantize.mapping={mapping!r}: expected one of {', '.join(MAPPINGS)}")
-    return {"linear": linear, "group_size": group_size, "mapping": mapping,
-            "embedding": _embedding_spec(params.get("embedding"))}
+    mapping = _choice(params.get("mapping", "symmetric"), MAPPINGS, "quantize.mapping")
+    scales = _choice(params.get("scales", "minmax"), SCALES, "quantize.scales")
+    if scales == "hqq" and mapping != "symmetric":
+        raise UserError("", "quantize.scales=hqq: torchao's HQQ solver fits a scale only; it needs "
+                            f"quantize.mapping=symmetric, got {mapping}")
+    overrides = params.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise UserError("", f"quantize.overrides={overrides!r}: expected a mapping of module pattern to kind")
+    overrides = {str(pattern): _kind(kind, f"quantize.overrides.{pattern}") for pattern, kind in overrides.items()}
+    return {"linear": linear, "group_size": group_size, "mapping": mapping, "scales": scales,
+            "overrides": overrides, "embedding": _embedding_spec(params.get("embedding"))}
+
+
+def _choice(value, choices, where):
+    if value not in choices:
+        raise UserError("", f"{where}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _kind(value, where):
+    return _choice(value, LINEAR_KINDS, where)
+
+
+def quantized_kinds(settings):
+    """The kinds other than none that some linear may get, whatever the model."""
+    return sorted({settings["linear"], *settings["overrides"].values()} - {"none"})
+
+
+def linear_kind(settings, name):
+    """The kind a linear module ``name`` gets: the first override whose pattern matches it or a
+    module holding it (``output`` takes ``output.chunks.3``; ``layers.0.*`` a whole layer), else
+    ``quantize.linear``."""
+    for pattern, kind in settings["overrides"].items():
+        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in _prefixes(name)):
+            return kind
+    return settings["linear"]
+
+
+def _prefixes(name):
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _embedding_spec(text):
@@ -67,17 +109,21 @@ def quantize(model, settings):
     return unwrap_tensor_subclass(model)
 
 
+def _linears(model, settings):
+    """{module name: (nn.Linear, its kind)} of every linear: the split chunks and the LM head too."""
+    return {name: (m, linear_kind(settings, name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 def _check_divisible(model, settings):
     """Every group must tile its rows: torchao would fail deep inside otherwise."""
-    if settings["linear"] == "b4w":
-        group = settings["group_size"]
-        linears = {name: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-        for name, in_features in linears.items():
-            if in_features % group:
-                common = math.gcd(*linears.values())
-                raise UserError("", f"quantize.group_size={group} does not divide layer {name} "
-                                    f"(in_features={in_features}); b4w needs a group size dividing every "
-                                    f"linear's in_features, i.e. a divisor of {common}")
+    linears = _linears(model, settings)
+    group = settings["group_size"]
+    for name, (m, kind) in linears.items():
+        if kind == "b4w" and m.in_features % group:
+            common = math.gcd(*(m.in_features for m, _ in linears.values()))
+            raise UserError("", f"quantize.group_size={group} does not divide layer {name} "
+                                f"(in_features={m.in_features}); b4w needs a group size dividing every "
+                                f"linear's in_features, i.e. a divisor of {common}")
     if settings["embedding"] and settings["embedding"]["group"]:
         group, dim = settings["embedding"]["group"], model.tok_embeddings.embedding_dim
         if dim % group:
@@ -86,39 +132,58 @@ def _check_divisible(model, settings):
 
 
 def _quantize(model, settings):
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import (
-        IntxWeightOnlyConfig,
-        MappingType,
-        quantize_,
-    )
+    from torchao.quantization.quant_api import quantize_
 
     if settings["embedding"]:
-        bits, group = settings["embedding"]["bits"], settings["embedding"]["group"]
-        config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"),
-                                      granularity=PerGroup(group) if group else PerAxis(0))
-        quantize_(model, config, lambda m, fqn: isinstance(m, nn.Embedding))
-    if settings["linear"] != "none":
-        granularity = PerGroup(settings["group_size"]) if settings["linear"] == "b4w" else PerAxis(0)
-        # quantize_'s default filter takes every nn.Linear: the split chunks and the LM head too.
-        mapping = MappingType[settings["mapping"].upper()]
-        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity, mapping_type=mapping))
+        quantize_(model, _embedding_config(settings["embedding"]), lambda m, fqn: isinstance(m, nn.Embedding))
+    kinds = {name: kind for name, (_, kind) in _linears(model, settings).items()}
+    for kind in set(kinds.values()) - {"none"}:
+        quantize_(model, _linear_config(kind, settings), lambda m, fqn, kind=kind: kinds.get(fqn) == kind)
+
+
+def _embedding_config(embedding):
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    group = embedding["group"]
+    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{embedding['bits']}"),
+                                granularity=PerGroup(group) if group else PerAxis(0))
+
+
+def _linear_config(kind, settings):
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
+
+    granularity = PerGroup(settings["group_size"]) if kind == "b4w" else PerAxis(0)
+    algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if settings["scales"] == "hqq" else \
+        IntxChooseQParamsAlgorithm.AFFINE
+    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{LINEAR_BITS[kind]}"), granularity=granularity,
+                                mapping_type=MappingType[settings["mapping"].upper()],
+                                intx_choose_qparams_algorithm=algorithm)
 
 
 def weight_groups(model, settings, dtype):
-    """{group: {"params": count, "bits": bits per weight}} for linear, embedding and other weights."""
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    """{group: {"params": count, "bits": bits per weight}}: the linears by kind ("linear:c8w"),
+    embedding and other weights."""
     float_bits = FLOAT_BITS[dtype]
-    bits = {
-        "linear": 4 if settings["linear"] != "none" else float_bits,
-        "embedding": settings["embedding"]["bits"] if settings["embedding"] else float_bits,
-        "other": float_bits,
-    }
-    groups = {name: {"params": 0, "bits": b} for name, b in bits.items()}
-    for name, p in model.named_parameters():
-        group = "linear" if name in linears else "embedding" if name in embeddings else "other"
-        groups[group]["params"] += p.numel()
+    groups = {}
+
+    def add(group, bits, count):
+        groups.setdefault(group, {"params": 0, "bits": bits})["params"] += count
+
+    counted = set()
+    for name, (m, kind) in _linears(model, settings).items():
+        add(f"linear:{kind}", LINEAR_BITS[kind] or float_bits, m.weight.numel())
+        counted.add(f"{name}.weight")
+    embedding = settings["embedding"]["bits"] if settings["embedding"] else float_bits
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            add("embedding", embedding, m.weight.numel())
+            counted.add(f"{name}.weight")
+    add("other", float_bits, sum(p.numel() for n, p in model.named_parameters() if n not in counted))
     return groups
 
 

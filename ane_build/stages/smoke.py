@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ane_build import quality
 from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
@@ -55,14 +56,18 @@ def run(inputs, params, out_dir):
     log.info("smoke: %s on %s, %d prompt(s)", runtime["program"], runtime["backend"], len(params["prompts"]))
 
     results = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
-    summary = summarize(results, runtime)
+    n_eval = params.get("eval_tokens", 512)
+    evaluation = quality.score_text(program, tokenizer, reference, n_eval) if n_eval else None
+    summary = summarize(results, evaluation, runtime)
     report = {"runtime": runtime, "settings": {**params, "top_p": 1.0, "seed": SEED}, "summary": summary,
-              "prompts": results}
+              "prompts": results, "eval_text": evaluation}
     # Written before the checks below, so a run by hand keeps the report of a program that fails them.
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out_dir / REPORT_MD).write_text(markdown(report))
     for result in results:
         check(result, params)
+    if evaluation:
+        check_eval(evaluation, params)
     return summary
 
 
@@ -139,8 +144,8 @@ def reference_choices(reference, prompt_ids, continuation):
     return logits.argmax(-1).tolist()
 
 
-def summarize(results, runtime):
-    """The stage's metrics: the worst agreement, and speeds over every prompt's tokens."""
+def summarize(results, evaluation, runtime):
+    """The stage's metrics: the worst agreement, the evaluation text's, and speeds over every prompt's tokens."""
     def rate(phase):
         seconds = sum(r[phase]["seconds"] for r in results)
         return sum(r[phase]["tokens"] for r in results) / seconds if seconds else 0.0
@@ -148,6 +153,8 @@ def summarize(results, runtime):
     return {"min_top1_agreement": min(r["top1_agreement"] for r in results),
             "prefill_tokens_per_second": round(rate("prefill"), 1),
             "decode_tokens_per_second": round(rate("decode"), 1),
+            "eval_top1_agreement": evaluation and evaluation.get("top1_agreement"),
+            "eval_mean_kld": evaluation and evaluation.get("mean_kld"),
             "program": runtime["program"], "backend": runtime["backend"]}
 
 
@@ -156,10 +163,10 @@ def check(result, params):
     prompt, generated = result["prompt"], result["generated_ids"]
     if not generated:
         raise UserError("smoke", f"prompt {prompt!r}: the generation is empty (its first token is a stop token)")
-    tail = repeating_tail(generated)
-    if tail:
-        raise UserError("smoke", f"prompt {prompt!r}: the generation ends in one token ({tail[0]}) repeated "
-                                 f"{tail[1]} times, of {len(generated)} generated: the exported program is broken")
+    loop = quality.repeating_tail(generated)
+    if loop:
+        raise UserError("smoke", f"prompt {prompt!r}: the generation ends in {len(loop[0])} token(s) {loop[0]} "
+                                 f"repeated {loop[1]} times, of {len(generated)} generated: the model has lost its way")
     if result["top1_agreement"] < params["min_top1_agreement"]:
         raise UserError("smoke.min_top1_agreement",
                         f"prompt {prompt!r}: top-1 agreement with the fp32 reference is "
@@ -168,14 +175,19 @@ def check(result, params):
                         f"{params['min_top1_agreement']}")
 
 
-def repeating_tail(generated):
-    """(token, times) when the generation ends in one token repeated over at least half of it.
-
-    A model that falls into that loop under greedy decoding has lost its way, whatever its
-    agreement on the positions before."""
-    token = generated[-1]
-    times = next((i for i, t in enumerate(reversed(generated)) if t != token), len(generated))
-    return (token, times) if times > 1 and 2 * times >= len(generated) else None
+def check_eval(evaluation, params):
+    """Fail when the program does not follow the fp32 model on the evaluation text."""
+    where = f"evaluation text ({evaluation['tokens']} tokens)"
+    if not evaluation["finite"]:
+        raise UserError("smoke", f"{where}: the program's logits hold NaN or inf: the exported program is broken")
+    if evaluation["top1_agreement"] < params["min_top1_agreement"]:
+        raise UserError("smoke.min_top1_agreement", f"{where}: top-1 agreement with the fp32 reference is "
+                                                    f"{evaluation['top1_agreement']:.3f}, below "
+                                                    f"{params['min_top1_agreement']}")
+    limit = params.get("max_mean_kld", 0.05)
+    if evaluation["mean_kld"] > limit:
+        raise UserError("smoke.max_mean_kld", f"{where}: mean KL divergence from the fp32 reference is "
+                                              f"{evaluation['mean_kld']:.4f}, above {limit}")
 
 
 def markdown(report):
@@ -196,10 +208,24 @@ def markdown(report):
         divergence = "none" if r["first_divergence"] is None else r["first_divergence"]
         lines.append(f"| {_cell(r['prompt'])} | {r['top1_agreement']:.3f} | {divergence} | "
                      f"{r['prefill']['tokens_per_second']:.1f} | {r['decode']['tokens_per_second']:.1f} |")
+    lines += _eval_lines(report["eval_text"], settings)
     for r in report["prompts"]:
         fence = _fence(r["prompt"] + r["text"])
         lines += ["", f"## {_cell(r['prompt'])}", "", fence, r["prompt"] + r["text"], fence]
     return "\n".join(lines) + "\n"
+
+
+def _eval_lines(evaluation, settings):
+    if not evaluation:
+        return ["", "No evaluation text was scored (smoke.eval_tokens: 0)."]
+    if not evaluation["finite"]:
+        return ["", "On the evaluation text the program's logits held NaN or inf."]
+    return ["", f"Evaluation text ({evaluation['source']}, sha256 {evaluation['sha256'][:12]}), "
+                f"{evaluation['positions']} teacher-forced positions: top-1 agreement "
+                f"{evaluation['top1_agreement']:.3f} (at least {settings['min_top1_agreement']} required), "
+                f"mean KL divergence from fp32 {evaluation['mean_kld']:.4f} (at most "
+                f"{settings.get('max_mean_kld', 0.05)} allowed; 99th percentile {evaluation['p99_kld']:.4f}, "
+                f"max {evaluation['max_kld']:.4f})."]
 
 
 def _cell(text):

@@ -41,30 +41,60 @@ def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_pat
             assert g.shape == w.shape and torch.equal(g, w), method
 
 
-@pytest.mark.parametrize("linear", ["c4w", "b4w"])
-def test_asymmetric_mapping_adds_zero_points_and_fits_closer(rewritten, linear):
-    def quantized(mapping):
-        model = quantize.io.load_model(rewritten)
-        quantize._quantize(model, quantize.resolve({"linear": linear, "mapping": mapping}))
-        return model.layers[0].feed_forward.w2.weight
-
-    weight = quantize.io.load_model(rewritten).layers[0].feed_forward.w2.weight.float()
-    symmetric, asymmetric = quantized("symmetric"), quantized("asymmetric")
-    assert not symmetric.zero_point.any() and asymmetric.zero_point.any()
-    error = {name: (w.dequantize().float() - weight).pow(2).sum() for name, w in
-             (("symmetric", symmetric), ("asymmetric", asymmetric))}
-    assert error["asymmetric"] < error["symmetric"]
-
-
 def test_ideal_size_counts_each_weight_at_its_bits(rewritten, tmp_path):
     p = tiny_params()
     linear = p["n_layers"] * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128) + 320 * 64
     embedding, norms = 320 * 64, (2 * p["n_layers"] + 1) * 64
     spec = io.read_spec(run(rewritten, tmp_path, {"linear": "b4w", "group_size": 32, "embedding": "4,32"}))
-    assert spec["quantize"]["weight_groups"] == {"linear": {"params": linear, "bits": 4},
+    assert spec["quantize"]["weight_groups"] == {"linear:b4w": {"params": linear, "bits": 4},
                                                  "embedding": {"params": embedding, "bits": 4},
                                                  "other": {"params": norms, "bits": 16}}
     assert spec["quantize"]["ideal_bytes"] == linear // 2 + embedding // 2 + norms * 2
+
+
+def test_overrides_give_the_lm_head_its_own_kind(rewritten, tmp_path):
+    params = {"linear": "c4w", "overrides": {"output": "c8w", "layers.1.*": "none"}}
+    model = quantize.quantized_model(rewritten, params)
+    bits = {name: quantize.linear_kind(quantize.resolve(params), name) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+    assert {bits[n] for n in bits if n.startswith("output.")} == {"c8w"}  # every chunk of the split LM head
+    assert {bits[n] for n in bits if n.startswith("layers.1.")} == {"none"}
+    assert {bits[n] for n in bits if n.startswith("layers.0.")} == {"c4w"}
+    spec = io.read_spec(run(rewritten, tmp_path, params))
+    groups = spec["quantize"]["weight_groups"]
+    assert (groups["linear:c8w"]["params"], groups["linear:c8w"]["bits"]) == (320 * 64, 8)
+    assert groups["linear:none"]["bits"] == 16 and groups["linear:c4w"]["bits"] == 4
+
+
+def quantization_error(rewritten, params):
+    """Squared error of layer 0's w2 after quantization, and the quantized weight."""
+    model = quantize.io.load_model(rewritten)
+    weight = model.layers[0].feed_forward.w2.weight.float().clone()
+    quantize._quantize(model, quantize.resolve(params))
+    got = model.layers[0].feed_forward.w2.weight
+    return (got.dequantize().float() - weight).pow(2).sum().item(), got
+
+
+@pytest.mark.parametrize("linear", ["c4w", "b4w", "c8w"])
+def test_asymmetric_mapping_adds_zero_points_and_fits_closer(rewritten, linear):
+    symmetric_error, symmetric = quantization_error(rewritten, {"linear": linear, "mapping": "symmetric"})
+    asymmetric_error, asymmetric = quantization_error(rewritten, {"linear": linear, "mapping": "asymmetric"})
+    assert not symmetric.zero_point.any() and asymmetric.zero_point.any()
+    assert asymmetric_error < symmetric_error
+
+
+def test_eight_bits_per_channel_fit_sixteen_times_closer_than_four(rewritten):
+    error4, _ = quantization_error(rewritten, {"linear": "c4w"})
+    error8, weight = quantization_error(rewritten, {"linear": "c8w"})
+    assert weight.qdata.min() < -8 or weight.qdata.max() > 7  # the int8 range is used
+    # Each extra bit halves the step, so the squared rounding error falls by about 4**4.
+    assert error8 < error4 / 64
+
+
+def test_hqq_scales_fit_closer_than_minmax(rewritten):
+    minmax, _ = quantization_error(rewritten, {"linear": "c4w"})
+    hqq, _ = quantization_error(rewritten, {"linear": "c4w", "scales": "hqq"})
+    assert hqq < minmax
 
 
 @pytest.mark.parametrize("params, expected", [
@@ -73,6 +103,10 @@ def test_ideal_size_counts_each_weight_at_its_bits(rewritten, tmp_path):
     ({"linear": "c5w"}, ["quantize.linear='c5w'"]),
     ({"mapping": "affine"}, ["quantize.mapping='affine'", "symmetric, asymmetric"]),
     ({"embedding": "4"}, ["quantize.embedding='4'"]),
+    ({"scales": "hqq", "mapping": "asymmetric"}, ["quantize.scales=hqq", "mapping=symmetric"]),
+    ({"scales": "mse"}, ["quantize.scales='mse'", "minmax, hqq"]),
+    ({"overrides": {"output": "c6w"}}, ["quantize.overrides.output='c6w'"]),
+    ({"overrides": ["output"]}, ["quantize.overrides=['output']"]),
     ({"embedding": "3,32"}, ["quantize.embedding='3,32'"]),
     ({"embedding": "4,x"}, ["quantize.embedding='4,x'"]),
     ({"embedding": "4,48"}, ["quantize.embedding", "48", "width 64"]),

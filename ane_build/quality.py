@@ -1,0 +1,71 @@
+"""How closely a program follows its fp32 checkpoint on text it did not write.
+
+The smoke stage's prompts are scored along the program's own continuation; that says little
+about a model that has drifted onto a different but fluent path. Here both read the same
+human-written text, teacher-forced: Python's own documentation of naming and binding
+(``pydoc_data.topics``, shipped with every CPython, so no download), and at each position
+the program's next-token distribution is compared with the fp32 reference's: top-1
+agreement and mean KL(fp32 || program), as llama.cpp's ``perplexity --kl-divergence``
+reports them.
+
+The program reads the text one token per call, as it decodes (its forward returns only the
+last position's logits), so each position's logits come from the program's own KV cache.
+"""
+
+import hashlib
+import logging
+
+import torch
+
+from ane_build.runtime.kv_cache import KVCache, feed
+
+log = logging.getLogger(__name__)
+EVAL_TOPIC = "naming"
+MAX_NGRAM = 8
+
+
+def eval_text():
+    """The evaluation text, and its sha256 (its bytes differ between some Python releases)."""
+    from pydoc_data.topics import topics
+
+    text = topics[EVAL_TOPIC]
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def score_text(program, tokenizer, reference, n_tokens):
+    """{"tokens", "top1_agreement", "mean_kld", ...} of ``program`` on the first ``n_tokens``
+    tokens of the evaluation text (fewer if its KV cache holds fewer: past its window the
+    program rightly sees less than the reference)."""
+    text, digest = eval_text()
+    info = program.info
+    ids = tokenizer.prompt_ids(text, info)[:min(n_tokens, info.cache_size)]
+    want = reference(torch.tensor([ids]))[0, :-1].double().log_softmax(-1)
+    cache = KVCache(info, program.methods)
+    got = torch.stack([feed(program, cache, [token]).double() for token in ids[:-1]]).log_softmax(-1)
+    if not torch.isfinite(got).all():
+        return {"tokens": len(ids), "finite": False}
+    kld = (want.exp() * (want - got)).sum(-1)
+    agree = (want.argmax(-1) == got.argmax(-1)).float()
+    result = {"source": f"pydoc_data.topics[{EVAL_TOPIC!r}]", "sha256": digest, "tokens": len(ids),
+              "positions": len(ids) - 1, "finite": True, "top1_agreement": agree.mean().item(),
+              "mean_kld": kld.mean().item(), "p99_kld": kld.quantile(0.99).item(), "max_kld": kld.max().item()}
+    log.info("eval text: %d positions, top-1 agreement %.3f, mean KLD %.4f", result["positions"],
+             result["top1_agreement"], result["mean_kld"])
+    return result
+
+
+def repeating_tail(generated):
+    """(n-gram, times) when the generation has fallen into a loop, else None.
+
+    A loop is one token repeated over at least half of the generation, or an n-gram of 2 to
+    MAX_NGRAM tokens repeated at least three times in a row at its end. A model under greedy
+    decoding that does either has lost its way, whatever its agreement before."""
+    for n in range(1, MAX_NGRAM + 1):
+        gram = tuple(generated[-n:])
+        times = 0
+        while len(generated) >= (times + 1) * n and tuple(generated[len(generated) - (times + 1) * n:][:n]) == gram:
+            times += 1
+        needed = 3 if n > 1 else 2
+        if len(gram) == n and times >= needed and (n > 1 or 2 * times >= len(generated)):
+            return list(gram), times
+    return None
