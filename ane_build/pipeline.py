@@ -34,7 +34,7 @@ STAGES = (
     Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/")),
     Stage("export", 1, ("export",), ("quantize",), ("stages/export.py", "model/io.py")),
     Stage("smoke", 1, ("smoke",), ("export", "convert"),
-          ("stages/smoke.py", "runtime/", "model/", "checkpoint/canonical.py")),
+          ("stages/smoke.py", "quality.py", "runtime/", "model/", "checkpoint/canonical.py")),
     Stage("release", 1, ("release",), ("export", "smoke"), ("stages/release.py", "verify.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -51,6 +51,11 @@ def key_params(stage, recipe, file_sha256):
 
         source = recipe["source"]
         return {"content": fetch.digest(source, file_sha256), "name": fetch.source_name(source)}
+    if stage.name == "smoke":
+        from ane_build import quality
+
+        # The evaluation text comes with Python, and its bytes differ between some releases.
+        return {"smoke": recipe["smoke"], "eval_text_sha256": quality.eval_text()[1]}
     if stage.name == "release":
         # The bundle's manifest records the whole recipe (name and device too), so it is keyed on it.
         return {"recipe": recorded(recipe)}

@@ -8,16 +8,14 @@ the program's next-token distribution is compared with the fp32 reference's: top
 agreement and mean KL(fp32 || program), as llama.cpp's ``perplexity --kl-divergence``
 reports them.
 
+Light to import (torch is imported when a program is scored): stage keys read the text's hash.
+
 The program reads the text one token per call, as it decodes (its forward returns only the
 last position's logits), so each position's logits come from the program's own KV cache.
 """
 
 import hashlib
 import logging
-
-import torch
-
-from ane_build.runtime.kv_cache import KVCache, feed
 
 log = logging.getLogger(__name__)
 EVAL_TOPIC = "naming"
@@ -36,6 +34,10 @@ def score_text(program, tokenizer, reference, n_tokens):
     """{"tokens", "top1_agreement", "mean_kld", ...} of ``program`` on the first ``n_tokens``
     tokens of the evaluation text (fewer if its KV cache holds fewer: past its window the
     program rightly sees less than the reference)."""
+    import torch
+
+    from ane_build.runtime.kv_cache import KVCache, feed
+
     text, digest = eval_text()
     info = program.info
     ids = tokenizer.prompt_ids(text, info)[:min(n_tokens, info.cache_size)]

@@ -2,7 +2,8 @@ import hashlib
 
 import pytest
 
-from ane_build import quality
+from ane_build import pipeline, quality
+from tests.stages.tiny_export import tiny_recipe
 
 
 def test_the_evaluation_text_is_english_prose_pinned_by_its_hash():
@@ -25,3 +26,10 @@ def test_the_evaluation_text_is_english_prose_pinned_by_its_hash():
 ])
 def test_a_generation_falling_into_a_loop_is_found(generated, loop):
     assert quality.repeating_tail(generated) == loop
+
+
+def test_the_smoke_key_changes_with_the_evaluation_text(monkeypatch):
+    stage, rec = pipeline.BY_NAME["smoke"], tiny_recipe()
+    before = pipeline.key_params(stage, rec, None)
+    monkeypatch.setattr(quality, "eval_text", lambda: ("other prose", "0" * 64))
+    assert pipeline.key_params(stage, rec, None) == {**before, "eval_text_sha256": "0" * 64} != before
