@@ -3,7 +3,14 @@ import hashlib
 import pytest
 
 from ane_build import pipeline, quality
-from tests.stages.tiny_export import tiny_recipe
+from ane_build.errors import UserError
+from ane_build.model import io
+from ane_build.model.reference import ReferenceLlama
+from ane_build.runtime.program import PteProgram
+from ane_build.runtime.tokenizer import Tokenizer
+from ane_build.stages.export import TWIN_FILE
+from tests.stages.tiny_export import convert_entry, entries, tiny_recipe
+from tests.tiny_llama import tiny_params, tiny_weights
 
 
 def test_the_evaluation_text_is_english_prose_pinned_by_its_hash():
@@ -33,3 +40,40 @@ def test_the_smoke_key_changes_with_the_evaluation_text(monkeypatch):
     before = pipeline.key_params(stage, rec, None)
     monkeypatch.setattr(quality, "eval_text", lambda: ("other prose", "0" * 64))
     assert pipeline.key_params(stage, rec, None) == {**before, "eval_text_sha256": "0" * 64} != before
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return entries(tmp_path_factory, "fp32")
+
+
+def score(inputs, n_tokens):
+    export_dir = inputs["export"]
+    program = PteProgram(export_dir / TWIN_FILE)
+    tokenizer = Tokenizer(export_dir / io.read_spec(export_dir)["tokenizer"])
+    reference = ReferenceLlama.from_checkpoint(inputs["convert"])
+    return quality.score_text(program, tokenizer, reference, n_tokens, (export_dir / TWIN_FILE, inputs["convert"]))
+
+
+def test_one_process_or_two_score_the_same(fp32, monkeypatch):
+    """The second half is scored in a second process, or after the first in this one: same numbers."""
+    scores = {}
+    for jobs in ("1", "2"):
+        monkeypatch.setenv("ANE_BUILD_JOBS", jobs)
+        scores[jobs] = score(fp32, 30)
+    assert scores["1"] == scores["2"] and scores["1"]["positions"] == 29
+
+
+def test_other_weights_than_the_checkpoints_score_low(fp32, tmp_path):
+    other = convert_entry(tmp_path / "other", tiny_weights(tiny_params(), seed=1))
+    result = score({**fp32, "convert": other}, 30)
+    assert result["finite"] and result["top1_agreement"] < 0.5 and result["mean_kld"] > 0.1
+
+
+def test_a_broken_program_is_not_finite(tmp_path_factory):
+    assert score(entries(tmp_path_factory, "nan"), 30)["finite"] is False
+
+
+def test_a_text_of_one_token_is_refused(fp32):
+    with pytest.raises(UserError, match=r"^smoke.eval_tokens: 1 token\(s\) score no position"):
+        score(fp32, 1)

@@ -82,3 +82,22 @@ def test_the_process_dies_with_its_parent(tmp_path):
 def test_user_errors_survive_pickling():
     error = pickle.loads(pickle.dumps(UserError("a.yaml", "b")))
     assert isinstance(error, UserError) and str(error) == "a.yaml: b"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 2), ("2", 2), ("1", 1)])
+def test_jobs_come_from_the_environment(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(worker.JOBS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(worker.JOBS_VARIABLE, value)
+    assert worker.jobs() == expected
+    assert worker.beside_or_later() is (worker.beside if expected == 2 else worker.later)
+
+
+@pytest.mark.parametrize("value", ["3", "many", ""])
+def test_a_bad_jobs_setting_is_one_line(monkeypatch, value):
+    monkeypatch.setenv(worker.JOBS_VARIABLE, value)
+    with pytest.raises(UserError) as err:
+        worker.jobs()
+    assert str(err.value) == (f"ANE_BUILD_JOBS: expected 1 (one process: least memory) or 2 (a second process "
+                              f"beside the first: least time), got {value!r}")

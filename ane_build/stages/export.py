@@ -20,7 +20,6 @@ ExecuTorch's own lowering, same output, in less time and memory.
 import json
 import logging
 import operator
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,7 +35,6 @@ from ane_build.stages import quantize
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"
 TWIN_FILE = "twin.pte"
-JOBS_VARIABLE = "ANE_BUILD_JOBS"
 
 
 def resolve(params, spec):
@@ -260,7 +258,7 @@ def run(inputs, params, out_dir):
     # The twin lowers in a second process meanwhile: the two lowerings share nothing but their
     # input files, and each is single-threaded Python (ExecuTorch's and coremltools' passes),
     # so on two cores the stage takes the longer of the two instead of their sum.
-    beside = lowering_jobs() == 2
+    beside = worker.jobs() == 2
     with (worker.beside if beside else worker.later)(write_twin, quant_dir, out_dir / TWIN_FILE) as twin_result:
         started = time.time()
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin %s", ", ".join(spec["programs"]),
@@ -293,18 +291,6 @@ def run(inputs, params, out_dir):
         "coreml_seconds": round(coreml_seconds, 2),
         "twin_seconds": round(twin_seconds, 2),
     }
-
-
-def lowering_jobs():
-    """How many lowerings run at once, from ``ANE_BUILD_JOBS`` (a machine's choice, not a recipe's:
-    the files written are the same). 2, the default: the twin in a second process beside Core
-    ML, least time. 1: the twin after Core ML in the same process, least memory (SmolLM2-135M's
-    export peaks at 1.35 GB that way instead of 2.2-2.4 GB for both processes)."""
-    value = os.environ.get(JOBS_VARIABLE, "2")
-    if value not in ("1", "2"):
-        raise UserError(JOBS_VARIABLE, f"expected 1 (lower the twin after Core ML: least memory) or 2 "
-                                       f"(beside it, in a second process: least time), got {value!r}")
-    return int(value)
 
 
 def write_twin(quant_dir, path):

