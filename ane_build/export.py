@@ -34,7 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--max_seq_length", type=int, default=128, help="the context the caches cover")
     parser.add_argument("--cache_size", type=int, help="KV cache length; default max_seq_length - seq_length")
     parser.add_argument("-E", "--embedding-quantize", help="'bits,group', e.g. '4,32' (group 0: per channel)")
-    parser.add_argument("--coreml-quantize", choices=["b4w", "c4w"], help="4-bit linear weights")
+    parser.add_argument("--coreml-quantize", choices=["b4w", "c4w", "c8w"],
+                        help="linear weights: 4 bits per block or channel (the seed's), 8 per channel")
     parser.add_argument("--use_cache_list", action="store_true", help="one 4D cache per layer, not one 5D tensor")
     parser.add_argument("--target_split_size", type=int, help="split linear layers into chunks of this size")
     parser.add_argument("--max_splits", type=int, default=8, help="at most this many chunks per linear")

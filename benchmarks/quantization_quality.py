@@ -1,79 +1,114 @@
-"""How much of the fp32 model's greedy choice each 4-bit linear setting keeps, on the default model.
+"""What each weight scheme keeps of SmolLM2-135M, at what size: one Pareto table, side by side.
 
-    python benchmarks/quantization_quality.py [--steps 48]
+    python benchmarks/quantization_quality.py [--schemes NAME ...] [--eval-tokens 512]
 
-The default recipe's converted checkpoint runs in the fp32 reference model twice per setting:
-once with its own weights, once with every linear weight (LM head included, as c4w does)
-quantized by the quantize stage's own torchao code and dequantized back. Score: top-1
-agreement over ``--steps`` teacher-forced positions of the fp32 model's greedy continuation,
-per prompt; plus the quantized model's own greedy text for one prompt, to read.
-This isolates the quantization's loss from fp16 and from the export (the smoke stage measures
-the exported program end to end).
+Each scheme is the default recipe (iPhone 15 Pro) with its ``quantize:`` section replaced,
+built through quantize and export by the pipeline itself (into the same store as ``doit``,
+so convert and rewrite are shared and a scheme built before is reused), then scored by the
+smoke stage's own code on the exported program (the CPU twin here): top-1 agreement and mean
+KL divergence from the fp32 checkpoint on the evaluation text, and the worst top-1 agreement
+of the recipe's prompts. The gates are off here, so a scheme that fails them is measured all
+the same. ``model.pte`` is the Core ML program's size; "per-block scales" marks the schemes
+the Neural Engine does not run as they are (../shared/research/ane_rules.md).
+
+A scheme is on the Pareto front when no other is at most its size and at least as good on
+both top-1 and KLD. The fp32 reference is the GGUF dequantized: a float checkpoint of the
+same weights (SmolLM2 dequantized to fp32, as convert hands it on) gives every scheme the
+same tensors to quantize, so the same numbers; only ``source`` needs the GGUF's blocks.
 """
 
 import argparse
+import copy
+import json
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
-import torch
-from torch import nn
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_vs_seed import recipe_view
+from ane_build import pipeline, recipe, schema
+from ane_build.errors import UserError
+from ane_build.stages import smoke
+from ane_build.store import Store
 
-from ane_build.model.reference import ReferenceLlama
-from ane_build.runtime.tokenizer import Tokenizer
-from ane_build.stages import quantize
-
-PROMPTS = ["Once upon a time,", "The capital of France is", "Water boils at", "def fibonacci(n):",
-           "My favourite food is", "The best way to learn a language is"]
-SETTINGS = {
-    "c4w symmetric (the seed's)": {"linear": "c4w", "mapping": "symmetric"},
-    "c4w asymmetric": {"linear": "c4w", "mapping": "asymmetric"},
-    "b4w/32 symmetric": {"linear": "b4w", "group_size": 32, "mapping": "symmetric"},
-    "b4w/32 asymmetric": {"linear": "b4w", "group_size": 32, "mapping": "asymmetric"},
+RECIPE = ROOT / "recipes" / "smollm2-135m" / "iphone15pro.yaml"
+# name -> (quantize section, per-block scales)
+SCHEMES = {
+    "c4w symmetric (the seed's)": ({"linear": "c4w", "mapping": "symmetric"}, False),
+    "c4w asymmetric": ({"linear": "c4w", "mapping": "asymmetric"}, False),
+    "c4w hqq scales": ({"linear": "c4w", "scales": "hqq"}, False),
+    "c4w asym, LM head + first/last layer c8w": (
+        {"linear": "c4w", "mapping": "asymmetric",
+         "overrides": {"output": "c8w", "layers.0": "c8w", "layers.29": "c8w"}}, False),
+    "b4w/32 asymmetric": ({"linear": "b4w", "group_size": 32, "mapping": "asymmetric"}, True),
+    "c8w symmetric": ({"linear": "c8w", "mapping": "symmetric"}, False),
+    "c8w asymmetric": ({"linear": "c8w", "mapping": "asymmetric"}, False),
+    "c8w asymmetric, embedding 8,0 (the default)": (
+        {"linear": "c8w", "mapping": "asymmetric", "embedding": "8,0"}, False),
 }
+NO_GATES = {"min_top1_agreement": 0.0, "max_mean_kld": float("inf")}
 
 
-def quantized_weights(weights, params):
-    """``weights`` with every linear weight quantized as the quantize stage does, then dequantized."""
-    names = [k for k in weights if k == "output.weight" or ".attention.w" in k or ".feed_forward.w" in k]
-    linears = nn.ModuleList()
-    for name in names:
-        linear = nn.Linear(weights[name].shape[1], weights[name].shape[0], bias=False)
-        linear.weight = nn.Parameter(weights[name].half(), requires_grad=False)  # the rewrite's fp16
-        linears.append(linear)
-    quantize._quantize(linears, quantize.resolve(params))
-    return {**weights, **{n: m.weight.dequantize().float() for n, m in zip(names, linears)}}
+def scheme_recipe(base, name, quantize):
+    """The default recipe with ``quantize``, named apart so that its store views are its own."""
+    data = {k: v for k, v in recipe.recorded(base).items() if k in schema.SCHEMA and v is not None}
+    quantize = recipe.validate({**data, "quantize": quantize}, str(RECIPE))["quantize"]
+    return {**copy.deepcopy(base), "quantize": quantize, "name": "quantization-quality/" + re.sub(r"\W+", "-", name)}
 
 
-def agreement(model, cases):
-    scores = []
-    for ids, continuation in cases:
-        logits = model(torch.tensor([ids + continuation[:-1]]))[0, len(ids) - 1:]
-        scores.append((logits.argmax(-1) == torch.tensor(continuation)).float().mean().item())
-    return scores
+def measure(store, base, name, eval_tokens):
+    """(model.pte bytes, smoke.json) of the default recipe with scheme ``name``'s quantization."""
+    rec = scheme_recipe(base, name, SCHEMES[name][0])
+    planned = pipeline.plan(rec, store.hasher)
+    for stage in ("fetch", "convert", "rewrite", "quantize", "export"):
+        entry, _ = pipeline.build(store, rec, stage, planned)
+    params = {**rec["smoke"], **NO_GATES, "eval_tokens": eval_tokens}
+    with tempfile.TemporaryDirectory() as out:
+        inputs = {"export": entry, "convert": store.entry("convert", planned["convert"][0])}
+        try:
+            smoke.run(inputs, params, out)
+        except UserError as e:  # a generation that loops: the report is written first
+            print(f"  ({e})", file=sys.stderr)
+        report = json.loads((Path(out) / smoke.REPORT_JSON).read_text())
+    return (entry / "model.pte").stat().st_size, report
+
+
+def pareto(rows):
+    """Names of the rows no other row beats: at most its size, at least its top-1, at most its KLD."""
+    def beaten(r):
+        return any(o is not r and o["mb"] <= r["mb"] and o["top1"] >= r["top1"] and o["kld"] <= r["kld"]
+                   and (o["mb"], o["top1"], o["kld"]) != (r["mb"], r["top1"], r["kld"]) for o in rows)
+    return {r["name"] for r in rows if not beaten(r)}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--eval-tokens", type=int, default=512)
     args = ap.parse_args()
-    convert = recipe_view("convert")
-    model = ReferenceLlama.from_checkpoint(convert)
-    tokenizer = Tokenizer(convert / "tokenizer.json")
-    weights = dict(model.w)
-    cases = [(ids, model.greedy(ids, args.steps)) for ids in map(tokenizer.encode, PROMPTS)]
-    shown = cases[1][0]
-    print(f"Top-1 agreement with fp32 over {args.steps} teacher-forced positions per prompt.\n")
-    print("| linear weights | mean | worst | " + " | ".join(PROMPTS) + f" | greedy after {PROMPTS[1]!r} |")
-    print("|---" * (len(PROMPTS) + 4) + "|")
-    for name, params in {"fp32 (itself)": None, **SETTINGS}.items():
-        model.w = quantized_weights(weights, params) if params else weights
-        scores = agreement(model, cases)
-        text = " ".join(tokenizer.decode(model.greedy(shown, 24)).split()).replace("|", "\\|")
-        print(f"| {name} | {sum(scores) / len(scores):.3f} | {min(scores):.3f} | "
-              + " | ".join(f"{s:.2f}" for s in scores) + f" | {text} |")
+    store = Store(Path(os.environ.get("ANE_BUILD_ARTIFACTS", ROOT / "artifacts")))  # as dodo.py reads it
+    base = recipe.load(RECIPE, ROOT / "recipes")
+    rows = []
+    for name in args.schemes:
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        size, report = measure(store, base, name, args.eval_tokens)
+        evaluation = report["eval_text"]
+        rows.append({"name": name, "mb": size / 1e6, "top1": evaluation["top1_agreement"],
+                     "kld": evaluation["mean_kld"], "prompts": report["summary"]["min_top1_agreement"],
+                     "per_block": SCHEMES[name][1], "france": report["prompts"][-1]["text"]})
+    front = pareto(rows)
+    print(f"Evaluation text: {args.eval_tokens} tokens of pydoc_data.topics['naming'], teacher-forced;"
+          " the program is the CPU twin.\n")
+    print("| scheme | top-1 (eval) | mean KLD (eval) | top-1 (prompts, worst) | model.pte MB | per-block scales "
+          "| Pareto | after \"The capital of France is\" |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["mb"]):
+        text = " ".join(r["france"].split())[:60].replace("|", "\\|")
+        print(f"| {r['name']} | {r['top1']:.3f} | {r['kld']:.4f} | {r['prompts']:.3f} | {r['mb']:.1f} | "
+              f"{'yes' if r['per_block'] else 'no'} | {'yes' if r['name'] in front else ''} | {text} |")
 
 
 if __name__ == "__main__":
