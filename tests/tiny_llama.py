@@ -22,6 +22,11 @@ def tiny_params(**overrides):
     return params
 
 
+# Wide enough that the weights, not the Core ML program text, make most of an exported file, and
+# with a 1024-term reduction (hidden_dim), where rounding inside a dot product shows most.
+WIDE = tiny_params(dim=256, head_dim=64, hidden_dim=1024, vocab_size=4096)
+
+
 def tiny_weights(params, seed=0):
     """Random weights for ``params``; norms near 1 so activations stay in a sane range."""
     gen = torch.Generator().manual_seed(seed)

@@ -27,6 +27,7 @@ from ane_build import quality
 from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
+from ane_build.runtime import cpu_kernels
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import PteProgram
 from ane_build.runtime.sampling import Sampler
@@ -48,7 +49,8 @@ def run(inputs, params, out_dir):
     from executorch.runtime import Runtime
 
     export_dir, out_dir = Path(inputs["export"]), Path(out_dir)
-    runtime = choose_program(Runtime.get().backend_registry.registered_backend_names)
+    runtime = choose_program(Runtime.get().backend_registry.registered_backend_names,
+                             io.read_spec(export_dir)["ane"]["dtype"])
     program = PteProgram(export_dir / runtime["program"])
     tokenizer = Tokenizer(export_dir / io.read_spec(export_dir)["tokenizer"])
     tokenizer.check_fits(program.info.vocab_size, runtime["program"])
@@ -72,11 +74,15 @@ def run(inputs, params, out_dir):
     return summary
 
 
-def choose_program(registered_backends):
-    """Which file of the export entry to run, and on what, as smoke.json records it."""
+def choose_program(registered_backends, dtype):
+    """Which file of the export entry to run, and on what, as smoke.json records it; for the twin of
+    a ``dtype`` program also the arithmetic this CPU's kernels compute it in, as its numbers depend on it."""
     name = MODEL_FILE if COREML in registered_backends else TWIN_FILE
-    return {"runtime": "executorch.runtime", "backend": BACKENDS[name], "program": name,
-            "registered_backends": sorted(registered_backends)}
+    chosen = {"runtime": "executorch.runtime", "backend": BACKENDS[name], "program": name,
+              "registered_backends": sorted(registered_backends)}
+    if name == TWIN_FILE:
+        chosen["twin_kernels"] = cpu_kernels.twin_arithmetic(dtype)
+    return chosen
 
 
 def smoke_prompt(program, tokenizer, reference, prompt, params):
@@ -195,7 +201,9 @@ def markdown(report):
     runtime, settings, summary = report["runtime"], report["settings"], report["summary"]
     ran = f"`{runtime['program']}` through {runtime['runtime']} on {runtime['backend']}"
     if runtime["program"] == TWIN_FILE:
-        ran += f" (the CPU twin of `{MODEL_FILE}`: this runtime has no {COREML})"
+        kernels = runtime["twin_kernels"]
+        ran += (f" (the CPU twin of `{MODEL_FILE}`: this runtime has no {COREML}), computing in "
+                f"{kernels['arithmetic']} on {kernels['cpu'] or kernels['machine']} (inferred from its features)")
     sampling = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}, seed {SEED}"
     lines = [
         "# Smoke test", "",

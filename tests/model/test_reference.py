@@ -5,6 +5,7 @@ import torch
 
 from ane_build.checkpoint import hf
 from ane_build.model.reference import ReferenceLlama
+from tests import float_bounds
 from tests.tiny_llama import VARIANTS, tiny_params, tiny_weights, write_hf
 
 transformers = pytest.importorskip("transformers")
@@ -33,7 +34,7 @@ def test_logits_match_transformers(tmp_path, variant):
     with torch.no_grad():
         want = model(tokens).logits
     got = ReferenceLlama(ckpt.params, ckpt.weights)(tokens)
-    assert (got - want).abs().max() < 1e-4
+    assert (got - want).abs().max() < float_bounds.TINY_FP32_ATOL
 
 
 def test_llama3_rope_scaling_is_visible_in_logits(tmp_path):

@@ -4,6 +4,7 @@ import torch
 from ane_build.model.ane_llama import MASK_MIN
 from ane_build.runtime.kv_cache import KVCache, feed
 from ane_build.runtime.program import open_eager
+from tests import float_bounds
 from tests.model.test_ane_llama import masked_reference, tokens_for, windowed
 from tests.runtime.tiny_programs import CACHE, MAX, SEQ, calls, run_calls
 from tests.tiny_llama import tiny_params, tiny_weights
@@ -32,7 +33,7 @@ def test_generation_past_the_window_matches_the_windowed_reference(checkpoint, l
     expected = masked_reference(params, tiny_weights(params), tokens, windowed(run, cache_size)).float()
     assert len(outputs) == len(run) and run[-1][0] > 3 * cache_size
     for (start, n, _), logits in zip(run, outputs):
-        torch.testing.assert_close(logits, expected[start + n - 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, expected[start + n - 1], atol=float_bounds.TINY_FP32_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

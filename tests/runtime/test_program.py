@@ -6,6 +6,7 @@ from ane_build.runtime import program as program_module
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import ModelInfo, PteProgram, open_eager
 from ane_build.runtime.sampling import Sampler
+from tests import float_bounds
 from tests.model.test_ane_llama import masked_reference, tokens_for, windowed
 from tests.runtime.tiny_programs import CACHE, MAX, SEQ, TWINS, calls, export_add_one, run_calls
 from tests.tiny_llama import tiny_params, tiny_weights
@@ -38,7 +39,7 @@ def test_twin_generation_past_the_window_matches_the_windowed_reference(twin, na
     assert [int(expected[s + n - 1].argmax()) for s, n, _ in run[2:]] == generated
     # ... and the logits agree throughout, teacher-forced.
     for (start, n, _), logits in zip(run, run_calls(program, tokens[:-1], len(PROMPT))):
-        torch.testing.assert_close(logits, expected[start + n - 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, expected[start + n - 1], atol=float_bounds.TINY_FP32_ATOL, rtol=0)
 
 
 def test_the_decode_method_is_used_and_agrees_with_forward_only(twin):

@@ -1,16 +1,18 @@
 import json
+import shutil
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from ane_build.errors import UserError
 from ane_build.model import io
+from ane_build.model.rewrites import DTYPES
 from ane_build.stages import export, quantize
+from tests import float_bounds
 from tests.stages.tiny_entries import ane, build, later_call_inputs
-from tests.tiny_llama import tiny_params
+from tests.tiny_llama import WIDE
 
-# Wide enough that the weights, not the Core ML program text, make most of the file.
-WIDE = tiny_params(dim=256, head_dim=64, hidden_dim=1024, vocab_size=4096)
 QUANTIZATIONS = {"none": {"linear": "none"}, "c4w": {"linear": "c4w"}, "b4w": {"linear": "b4w", "group_size": 32},
                  "c4w+emb4,32": {"linear": "c4w", "embedding": "4,32"}}
 # Every {dtype} x {linear quantization, + embedding} x {cache layout} combination of the issue.
@@ -28,9 +30,6 @@ BUILDS = {
     "fp16-c4w-list-wide": {"ane_params": ane(target_split_size=512), "model_params": WIDE},
 }
 DELEGATED = [*MATRIX, "fp16-c4w-list-decode", "fp16-c4w-asym-list"]
-# fp32 agrees to ~1e-5. In fp16 XNNPACK and eager torch round differently: ~1e-2 apart on
-# the wide model's logits, while eager fp16 itself is ~0.25 from eager fp32 there.
-TOLERANCE = {"fp16": 2e-2, "fp32": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +61,72 @@ def test_core_ml_takes_every_op(builds, name):
     assert metrics["export"]["pte_bytes"] == (entries["export"] / export.MODEL_FILE).stat().st_size
 
 
-@pytest.mark.parametrize("name", DELEGATED)
-def test_twin_matches_the_eager_quantized_model(builds, name):
-    entries, _ = builds(name)
+def exact_model(rewrite_entry, eager, dtype):
+    """``eager``'s weights as it dequantizes them, in a model computing in the wider float ``dtype``
+    (tests/float_bounds.py): exact arithmetic on the weights the twin holds."""
+    model = io.load_model(rewrite_entry).to(dtype)
+    weights = {f"{name}.weight": module.weight.dequantize() for name, module in eager.named_modules()
+               if parametrize.is_parametrized(module, "weight")}
+    assert not model.load_state_dict(weights, strict=False).unexpected_keys
+    return model
+
+
+def twin_distances(entries, twin_file, quantize_params):
+    """{method: (the twin's logits' distance from exact arithmetic, the most a correct twin's may be)}.
+
+    The bound comes from the eager quantized model's own distance on the same inputs, so it holds
+    whichever kernels this CPU gives XNNPACK (tests/float_bounds.py says why).
+    """
     spec = io.read_spec(entries["export"])
-    quantize_params = BUILDS[name].get("quantize_params", {"linear": "c4w"})
+    dtype = DTYPES[spec["ane"]["dtype"]]
+    exact_dtype = float_bounds.REFERENCE_DTYPES[dtype]
     eager = quantize.quantized_model(entries["rewrite"], quantize_params)
-    twin = load(entries["export"] / export.TWIN_FILE)
+    reference_model = exact_model(entries["rewrite"], eager, exact_dtype)
+    twin = load(twin_file)
+    out = {}
     for method, seq_length in io.methods(spec["ane"]).items():
         inputs = later_call_inputs(spec, seq_length)
         want = eager(*inputs)
         got = twin.load_method(method).execute(io.flat_inputs(inputs))
         assert len(got) == len(io.flat_inputs(want))
-        assert (got[0].float() - want[0].float()).abs().max() < TOLERANCE[spec["ane"]["dtype"]], method
+        reference = reference_model(*float_bounds.cast_floats(inputs, exact_dtype))[0]
+        allowed = float_bounds.allowed_distance(float_bounds.distance(want[0], reference), reference, dtype,
+                                                float_bounds.longest_reduction(spec))
+        out[method] = float_bounds.distance(got[0], reference), allowed
+    return out
+
+
+@pytest.mark.parametrize("name", DELEGATED)
+def test_twin_matches_the_eager_quantized_model(builds, name):
+    entries, _ = builds(name)
+    quantize_params = BUILDS[name].get("quantize_params", {"linear": "c4w"})
+    for method, (distance, allowed) in twin_distances(entries, entries["export"] / export.TWIN_FILE,
+                                                      quantize_params).items():
+        assert distance <= allowed, method
+
+
+@pytest.fixture
+def wrong_twin(builds, tmp_path):
+    """The twin of fp16-c4w-list lowered from its rewrite entry with float_bounds.WRONG_WEIGHT's
+    rows reversed. Only the twin: Core ML is not compared here."""
+    from safetensors.torch import load_file, save_file
+
+    entries, _ = builds("fp16-c4w-list")
+    rewrite = shutil.copytree(entries["rewrite"], tmp_path / "rewrite")
+    state = load_file(str(rewrite / io.STATE_FILE))
+    wrong = float_bounds.WRONG_WEIGHT
+    state[wrong] = state[wrong].flip(0).contiguous()
+    save_file(state, str(rewrite / io.STATE_FILE))
+    (tmp_path / "quantize").mkdir()
+    quantize.run({"rewrite": rewrite}, {"linear": "c4w"}, tmp_path / "quantize")
+    export.write_twin(tmp_path / "quantize", tmp_path / export.TWIN_FILE)
+    return tmp_path / export.TWIN_FILE
+
+
+def test_a_twin_lowered_from_a_wrong_weight_is_caught(builds, wrong_twin):
+    entries, _ = builds("fp16-c4w-list")
+    for method, (distance, allowed) in twin_distances(entries, wrong_twin, {"linear": "c4w"}).items():
+        assert distance > allowed, method
 
 
 def test_runner_metadata_is_in_both_programs(builds):

@@ -1,6 +1,7 @@
 import pytest
 
 from ane_build.errors import UserError
+from ane_build.runtime import cpu_kernels
 from ane_build.stages import smoke
 from tests.stages.tiny_export import SMOKE, convert_entry, entries, read_json, released, run_smoke
 from tests.tiny_llama import tiny_params, tiny_weights
@@ -15,7 +16,8 @@ def test_an_fp32_twin_agrees_with_the_fp32_reference_everywhere(tmp_path_factory
     entry = released(tmp_path_factory)["smoke"]
     report = read_json(entry / smoke.REPORT_JSON)
     assert report["runtime"] == {"runtime": "executorch.runtime", "backend": "XnnpackBackend",
-                                 "program": "twin.pte", "registered_backends": report["runtime"]["registered_backends"]}
+                                 "program": "twin.pte", "registered_backends": report["runtime"]["registered_backends"],
+                                 "twin_kernels": cpu_kernels.twin_arithmetic("fp32")}
     assert report["summary"]["min_top1_agreement"] == 1.0
     assert report["summary"]["decode_tokens_per_second"] > 0
     assert [r["prompt"] for r in report["prompts"]] == SMOKE["prompts"]
@@ -37,6 +39,7 @@ def test_an_fp32_twin_agrees_with_the_fp32_reference_everywhere(tmp_path_factory
     assert "39 teacher-forced positions: top-1 agreement 1.000" in text
     first = report["prompts"][0]
     assert "`twin.pte` through executorch.runtime on XnnpackBackend" in text
+    assert f"computing in fp32 on {report['runtime']['twin_kernels']['cpu']} (inferred from its features)" in text
     assert f"| {first['prompt']} | 1.000 | none |" in text
     assert first["prompt"] + first["text"] in text
 
@@ -107,8 +110,10 @@ def test_positions_past_the_kv_cache_window_are_refused(fp32, tmp_path):
 
 
 def test_a_runtime_with_core_ml_runs_model_pte():
-    assert smoke.choose_program(["XnnpackBackend", "CoreMLBackend"])["program"] == "model.pte"
-    assert smoke.choose_program(["XnnpackBackend"])["program"] == "twin.pte"
+    coreml = smoke.choose_program(["XnnpackBackend", "CoreMLBackend"], "fp16")
+    assert coreml["program"] == "model.pte" and "twin_kernels" not in coreml
+    twin = smoke.choose_program(["XnnpackBackend"], "fp16")
+    assert twin["program"] == "twin.pte" and twin["twin_kernels"] == cpu_kernels.twin_arithmetic("fp16")
 
 
 def test_generated_text_cannot_close_its_fence():
