@@ -29,9 +29,10 @@ class Stage:
 
 STAGES = (
     Stage("fetch", 1, ("source",), (), ("stages/fetch.py", "download.py")),
-    Stage("convert", 1, ("convert",), ("fetch",), ("stages/convert.py", "checkpoint/")),
-    Stage("rewrite", 1, ("ane",), ("convert",), ("stages/rewrite.py", "model/", "checkpoint/canonical.py")),
-    Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/")),
+    Stage("convert", 1, ("convert",), ("fetch",), ("stages/convert.py", "checkpoint/", "source_blocks.py")),
+    Stage("rewrite", 1, ("ane",), ("convert",),
+          ("stages/rewrite.py", "model/", "checkpoint/canonical.py", "source_blocks.py")),
+    Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/", "source_blocks.py")),
     Stage("export", 1, ("export",), ("quantize",), ("stages/export.py", "model/io.py")),
     Stage("smoke", 1, ("smoke",), ("export", "convert"),
           ("stages/smoke.py", "quality.py", "runtime/", "model/", "checkpoint/canonical.py")),

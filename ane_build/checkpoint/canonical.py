@@ -12,7 +12,11 @@ A canonical checkpoint is a folder with:
   Meta's interleaved rotary layout. ``output.weight`` is always present, also for
   tied embeddings, so the seed's loader (which loads with ``strict=False``) gets it.
 - the tokenizer: ``tokenizer.model`` (SentencePiece or tiktoken) or ``tokenizer.json`` (HF).
-- ``checkpoint.json``: tokenizer file name, bos id, eos ids, source format, tied flag.
+- ``checkpoint.json``: tokenizer file name, bos id, eos ids, source format, tied flag, and
+  for a GGUF with quantized linears ``source_blocks``: which weights have blocks (their GGUF
+  type, bits and block size) and which linears' types are not carried.
+- ``blocks.safetensors`` (a GGUF with quantized linears only): each linear weight's blocks as
+  the file has them, for ``quantize.linear: source`` (``ane_build.source_blocks``).
 """
 
 import json
@@ -37,6 +41,7 @@ class Checkpoint:
     eos_ids: list = field(default_factory=list)
     source_format: str = ""
     tied_embeddings: bool = False
+    source_blocks: object = None  # ane_build.source_blocks.Source of a GGUF, else None
 
 
 def head_dim(params):
@@ -103,6 +108,11 @@ def write(ckpt, out_dir):
         "source_format": ckpt.source_format,
         "tied_embeddings": ckpt.tied_embeddings,
     }
+    if ckpt.source_blocks and ckpt.source_blocks.blocks:
+        from ane_build import source_blocks
+
+        source_blocks.save(ckpt.source_blocks, out_dir)
+        info["source_blocks"] = ckpt.source_blocks.info()
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 

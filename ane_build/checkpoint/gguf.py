@@ -4,6 +4,9 @@ Tensors are dequantized to fp32 with the ``gguf`` package. GGUF lists a tensor's
 innermost first (ne0 = columns), so the array gguf hands back, read row-major, already has the
 canonical [out, in] shape. llama.cpp's converter undoes Hugging Face's Q/K permutation when it
 writes a llama GGUF, so Q/K are in Meta's rotary layout and names map one to one.
+
+The linear weights' quantized blocks (the LM head's too, the embedding's when tied) are also
+read as the file has them (``gguf_blocks``), for ``quantize.linear: source``.
 """
 
 import logging
@@ -13,9 +16,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from ane_build.checkpoint import canonical, gguf_tokenizer
+from ane_build.checkpoint import canonical, gguf_blocks, gguf_tokenizer
 from ane_build.errors import UserError
 from ane_build.model.reference import rope_frequencies
+from ane_build.source_blocks import Source
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +65,12 @@ def read(path):
     bos, eos = gguf_tokenizer.special_ids(meta, where)
     tied = "output.weight" not in tensors
     weights = _weights(tensors, params, tied, where)
+    blocks = _blocks(tensors, params, tied)
     log.info("read GGUF %s: %d layers, dim %d, vocab %d, %s, bos %s, eos %s%s", path.name,
              params["n_layers"], params["dim"], params["vocab_size"], tokenizer_name, bos, eos,
              ", tied embeddings" if tied else "")
     return canonical.Checkpoint(params, weights, tokenizer_name, tokenizer_bytes, bos, eos,
-                                source_format="gguf", tied_embeddings=tied)
+                                source_format="gguf", tied_embeddings=tied, source_blocks=blocks)
 
 
 def _open(path):
@@ -177,6 +182,23 @@ def _weights(tensors, params, tied, where):
     if tied:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     return weights
+
+
+def _blocks(tensors, params, tied):
+    """The Source of every linear weight (2-D, not the embedding; the embedding's tensor as
+    output.weight when tied): its blocks, or its type when not carried."""
+    linears = {name: tensors[g] for g, name in _gguf_names(params["n_layers"]).items()
+               if g in tensors and name != "tok_embeddings.weight" and len(tensors[g].shape) == 2}
+    if tied:
+        linears["output.weight"] = tensors["token_embd.weight"]
+    source = Source({}, {})
+    for name, tensor in linears.items():
+        blocks = gguf_blocks.read(tensor)
+        if blocks is None:
+            source.refused[name] = tensor.tensor_type.name
+        else:
+            source.blocks[name] = blocks
+    return source
 
 
 def _dequantize(tensor, where):

@@ -94,6 +94,60 @@ def test_k_quants(tmp_path, qtype):
     assert all(t.isfinite().all() and t.abs().max() > 0 for t in ckpt.weights.values())
 
 
+# --- quantized blocks, for quantize.linear: source ----------------------------------------------
+
+# GGUF type -> (bits, inputs per scale): every type llama.cpp writes for llama linears is block affine.
+BLOCK_TYPES = {"Q8_0": (8, 32), "Q4_0": (4, 32), "Q4_1": (4, 32), "Q5_0": (5, 32), "Q5_1": (5, 32),
+               "Q2_K": (2, 16), "Q3_K": (3, 16), "Q4_K": (4, 32), "Q5_K": (5, 32), "Q6_K": (6, 16)}
+
+
+@pytest.mark.parametrize("qtype", sorted(BLOCK_TYPES))
+def test_blocks_read_from_the_bytes_dequantize_to_what_gguf_does(tmp_path, qtype):
+    """(qdata - zero) * scale per block, from our own reading of the bytes, is gguf's dequantization
+    within the fp32 roundings of the zero point and of gguf's sum. K-quants are random bytes:
+    sub-blocks with a zero scale and a nonzero minimum (constant weights) come up too."""
+    params = tiny_params(dim=256, hidden_dim=256, head_dim=64)  # K-quant rows are 256 wide
+    weights = tiny_weights(params)
+    raw = None
+    if qtype in K_QUANT_SCALES:
+        rng = np.random.default_rng(0)
+        raw = {n: (random_k_quant(t.shape, qtype, rng), qtype) for n, t in weights.items() if t.dim() == 2}
+    written = write_gguf(params, weights, tmp_path / "m.gguf", qtype=qtype, raw=raw)
+    source = gguf.read(tmp_path / "m.gguf").source_blocks
+    assert source.refused == {}
+    assert sorted(source.blocks) == sorted(n for n, t in weights.items() if t.dim() == 2 and "tok_" not in n)
+    bits, block = BLOCK_TYPES[qtype]
+    for name, blocks in source.blocks.items():
+        assert (blocks.type, blocks.bits, blocks.block) == (qtype, bits, block), name
+        assert -(2 ** (bits - 1)) <= blocks.qdata.min().item() and blocks.qdata.max().item() < 2 ** (bits - 1)
+        q = blocks.qdata.double().unflatten(1, (-1, block))
+        terms = blocks.scale.double()[..., None].abs() * (q.abs() + blocks.zero.double()[..., None].abs())
+        want = written[name].double()
+        assert ((blocks.dequantize().double() - want).abs() <= 2.0 ** -23 * (want.abs() + terms.flatten(1))).all()
+
+
+def test_linears_without_blocks_are_named_with_their_type(tmp_path, tiny):
+    from gguf import quants
+
+    params, weights = tiny
+    raw = {n: (quants.quantize(t.numpy(), GGMLQuantizationType.Q4_1), "Q4_1")
+           for n, t in weights.items() if n.startswith("layers.0.") and t.dim() == 2}
+    write_gguf(params, weights, tmp_path / "m.gguf", qtype="F16", raw=raw)
+    source = gguf.read(tmp_path / "m.gguf").source_blocks
+    assert sorted(source.blocks) == sorted(raw)
+    linears = [n for n, t in weights.items() if t.dim() == 2 and n != "tok_embeddings.weight"]
+    assert source.refused == {n: "F16" for n in linears if n not in raw}
+
+
+def test_tied_embeddings_give_the_lm_head_the_embeddings_blocks(tmp_path, tiny):
+    params, weights = tiny
+    write_gguf(params, weights, tmp_path / "m.gguf", qtype="Q8_0", tied=True)
+    ckpt = gguf.read(tmp_path / "m.gguf")
+    head = ckpt.source_blocks.blocks["output.weight"]
+    assert head.type == "Q8_0" and "tok_embeddings.weight" not in ckpt.source_blocks.blocks
+    assert torch.allclose(head.dequantize(), ckpt.weights["tok_embeddings.weight"], rtol=2 ** -23, atol=0)
+
+
 def test_tied_embeddings(tmp_path, tiny):
     params, weights = tiny
     weights["output.weight"] = weights["tok_embeddings.weight"]
