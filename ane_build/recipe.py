@@ -6,6 +6,7 @@ Files under ``recipes/_base/`` are bases to extend, not recipes to build.
 """
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from ane_build import schema
 from ane_build.errors import UserError
 
+log = logging.getLogger(__name__)
 BASE_DIR = "_base"
 
 
@@ -39,6 +41,7 @@ def load(path, recipes_dir=None):
     recipe = validate(merged, where)
     recipe["name"] = recipe_name(path, recipes_dir) if recipes_dir else path.stem
     recipe["path"] = where
+    _warn_source_blocks_on_ne(recipe)
     return recipe
 
 
@@ -162,6 +165,18 @@ def _check_deployment_target(recipe, where):
     if dtype != "fp32":
         # Before iOS18 the converter decomposes attention and adds the fp16 mask to fp32 scores.
         raise UserError(where, f"ane.dtype: fp16 needs export.minimum_deployment_target iOS18; got {target}")
+
+
+def _warn_source_blocks_on_ne(recipe):
+    """Kind source keeps a GGUF's per-block scales, which the Neural Engine does not run: allowed
+    (Core ML takes them), but said, since the recipe asks for the NE."""
+    quant = recipe["quantize"]
+    kinds = {quant["linear"], *(quant["overrides"] or {}).values()}
+    if recipe["export"]["compute_unit"] == "CPU_AND_NE" and "source" in kinds:
+        log.warning("recipe %s (%s): quantize.linear=source keeps the checkpoint's per-block scales, which the "
+                    "Neural Engine does not run: with export.compute_unit=CPU_AND_NE, Core ML will dequantize those "
+                    "linears on the GPU/CPU (c8w or c4w, one scale per channel, run on the NE)",
+                    recipe["name"], recipe["path"])
 
 
 def _check_source(source, where):

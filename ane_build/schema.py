@@ -55,8 +55,9 @@ SCHEMA = {
         "decode_method": Field(bool, False, help="add a one-token decode method beside forward"),
     },
     "quantize": {
-        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w", "c8w"),
-                        help="weights at 4 bits per channel (c4w) or per block (b4w), 8 bits per channel (c8w)"),
+        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w", "c8w", "source"),
+                        help="weights at 4 bits per channel (c4w) or per block (b4w), 8 bits per channel (c8w), "
+                             "or a GGUF's own blocks as they are (source)"),
         "group_size": Field(int, 32, minimum=1, help="b4w block size along in_features"),
         "mapping": Field(str, "symmetric", choices=("symmetric", "asymmetric"),
                          help="linear weights: a scale per channel/block (the seed's), or a scale and a zero point"),

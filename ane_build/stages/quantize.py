@@ -4,6 +4,7 @@ Weights are quantized with torchao as the seed export does (weight-only; symmetr
 ``quantize.mapping`` asks for a zero point too; the Core ML converter turns torchao's
 ``dequantize_affine`` into its constexpr ops). Each linear gets ``quantize.linear``'s kind
 unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits).
+Kind ``source`` takes a GGUF checkpoint's own blocks as they are (``ane_build.source_blocks``).
 One program per method: ``forward.pt2`` (seq_length tokens) and, when ``ane.decode_method``
 is set, ``decode.pt2`` (one token). The entry carries ``spec.json`` (with a ``quantize``
 section added) and the tokenizer forward, so the export stage reads only this entry.
@@ -18,14 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ane_build import saved_programs
+from ane_build import saved_programs, source_blocks
 from ane_build.errors import UserError
 from ane_build.model import io
 
 log = logging.getLogger(__name__)
 # {kind: bits per weight}. c4w/c8w: one scale (and zero point) per output channel, the form the
 # Neural Engine runs; b4w: one per block of group_size inputs (Mac GPU; the ANE wants channels).
-LINEAR_BITS = {"none": None, "c4w": 4, "b4w": 4, "c8w": 8}
+# source: the checkpoint's own blocks, each linear at its GGUF type's bits (source_blocks.group).
+LINEAR_BITS = {"none": None, "c4w": 4, "b4w": 4, "c8w": 8, "source": None}
 LINEAR_KINDS = tuple(LINEAR_BITS)
 MAPPINGS = ("symmetric", "asymmetric")
 # minmax spans each channel's range (the seed's); hqq picks the scale that minimises the error
@@ -95,15 +97,22 @@ def _embedding_spec(text):
 
 def quantized_model(rewrite_entry, params):
     """The rewrite entry's model with its weights quantized as ``params`` asks, ready to export."""
-    return quantize(io.load_model(rewrite_entry), resolve(params))
+    settings = resolve(params)
+    return quantize(io.load_model(rewrite_entry), settings, _source(rewrite_entry, settings))
 
 
-def quantize(model, settings):
-    """Quantize ``model`` in place as the resolved ``settings`` ask; returns it ready to export."""
+def _source(rewrite_entry, settings):
+    """The checkpoint's blocks when some linear takes them as they are (kind source), else None."""
+    return source_blocks.load(rewrite_entry) if "source" in quantized_kinds(settings) else None
+
+
+def quantize(model, settings, source=None):
+    """Quantize ``model`` in place as the resolved ``settings`` ask; returns it ready to export.
+    ``source``: the rewrite entry's blocks (``source_blocks.load``), for kind source."""
     from torchao.utils import unwrap_tensor_subclass
 
     _check_divisible(model, settings)
-    _quantize(model, settings)
+    _quantize(model, settings, source)
     # torch.export cannot trace torchao's tensor subclasses; this turns them into plain
     # tensors and an explicit dequantize_affine in the graph.
     return unwrap_tensor_subclass(model)
@@ -131,14 +140,16 @@ def _check_divisible(model, settings):
                                 f"width {dim}; use a divisor of {dim}, or 0 for one scale per row")
 
 
-def _quantize(model, settings):
+def _quantize(model, settings, source=None):
     from torchao.quantization.quant_api import quantize_
 
     if settings["embedding"]:
         quantize_(model, _embedding_config(settings["embedding"]), lambda m, fqn: isinstance(m, nn.Embedding))
     kinds = {name: kind for name, (_, kind) in _linears(model, settings).items()}
-    for kind in set(kinds.values()) - {"none"}:
+    for kind in set(kinds.values()) - {"none", "source"}:
         quantize_(model, _linear_config(kind, settings), lambda m, fqn, kind=kind: kinds.get(fqn) == kind)
+    if "source" in kinds.values():
+        source_blocks.quantize(model, [name for name, kind in kinds.items() if kind == "source"], source)
 
 
 def _embedding_config(embedding):
@@ -165,9 +176,9 @@ def _linear_config(kind, settings):
                                 intx_choose_qparams_algorithm=algorithm)
 
 
-def weight_groups(model, settings, dtype):
-    """{group: {"params": count, "bits": bits per weight}}: the linears by kind ("linear:c8w"),
-    embedding and other weights."""
+def weight_groups(model, settings, dtype, source=None):
+    """{group: {"params": count, "bits": bits per weight}}: the linears by kind ("linear:c8w"; kind
+    source by GGUF type, "linear:source:Q4_1"), embedding and other weights."""
     float_bits = FLOAT_BITS[dtype]
     groups = {}
 
@@ -176,7 +187,9 @@ def weight_groups(model, settings, dtype):
 
     counted = set()
     for name, (m, kind) in _linears(model, settings).items():
-        add(f"linear:{kind}", LINEAR_BITS[kind] or float_bits, m.weight.numel())
+        group, bits = source_blocks.group(source, name) if kind == "source" else \
+            (f"linear:{kind}", LINEAR_BITS[kind] or float_bits)
+        add(group, bits, m.weight.numel())
         counted.add(f"{name}.weight")
     embedding = settings["embedding"]["bits"] if settings["embedding"] else float_bits
     for name, m in model.named_modules():
@@ -198,8 +211,9 @@ def run(inputs, params, out_dir):
     spec = io.read_spec(rewrite_dir)
     settings = resolve(params)
     model = io.load_model(rewrite_dir)
-    groups = weight_groups(model, settings, spec["ane"]["dtype"])
-    model = quantize(model, settings)
+    source = _source(rewrite_dir, settings)
+    groups = weight_groups(model, settings, spec["ane"]["dtype"], source)
+    model = quantize(model, settings, source)
 
     metrics = {"ideal_bytes": ideal_bytes(groups)}
     programs = {}

@@ -2,12 +2,14 @@
 
 The entry is everything later stages need (they never read the convert entry):
 ``model.safetensors`` (the rewritten module's state), ``spec.json`` (see
-``ane_build.model.io``) and the tokenizer file.
+``ane_build.model.io``) and the tokenizer file; for a checkpoint with quantized blocks (a
+GGUF), ``blocks.safetensors`` under the rewritten names too (``ane_build.source_blocks``).
 """
 
 import logging
 from pathlib import Path
 
+from ane_build import source_blocks
 from ane_build.checkpoint import canonical
 from ane_build.errors import UserError
 from ane_build.model import io, rewrites
@@ -44,6 +46,9 @@ def run(inputs, params, out_dir):
     log.info("rewrote the model: %s, %d layers split", ane["dtype"], _split_layers(model))
 
     io.save_state(model, out_dir)
+    blocks = source_blocks.load(ckpt_dir)
+    if blocks:
+        source_blocks.save(source_blocks.rewritten(blocks, model), out_dir)
     io.copy_tokenizer(info["tokenizer"], ckpt_dir, out_dir)
     io.write_spec({
         "params": model_params,
