@@ -48,6 +48,7 @@ SCHEMES = {
     "c8w asymmetric": ({"linear": "c8w", "mapping": "asymmetric"}, False),
     "c8w asymmetric, embedding 8,0 (the default)": (
         {"linear": "c8w", "mapping": "asymmetric", "embedding": "8,0"}, False),
+    "source: the GGUF's Q4_1 / Q8_0 blocks": ({"linear": "source"}, True),
 }
 NO_GATES = {"min_top1_agreement": 0.0, "max_mean_kld": float("inf")}
 
