@@ -59,7 +59,8 @@ def test_wrong_type(write):
 
 def test_bad_choice_names_file_key_and_choices(write):
     msg = load_err(write("r.yaml", SOURCE + "quantize: {linear: c5w}\n"))
-    assert msg.endswith("r.yaml: quantize.linear: expected one of none, c4w, b4w, c8w, source; got 'c5w'")
+    kinds = ", ".join(schema.SCHEMA["quantize"]["linear"].choices)
+    assert msg.endswith(f"r.yaml: quantize.linear: expected one of {kinds}; got 'c5w'") and "c4w, b4w" in kinds
 
 
 def test_out_of_range(write):
