@@ -24,7 +24,9 @@ def save(program, path):
 
 
 def load(path):
-    # Registers torch.ops.torchao.dequantize_affine, which quantized graphs call.
+    # Register torch.ops.torchao.dequantize_affine and torch.ops.quant.dequantize_codebook,
+    # which quantized and palettized graphs call.
+    import torchao.prototype.quantization.codebook_coreml  # noqa: F401
     import torchao.quantization.quant_primitives  # noqa: F401
 
     with remembered_type_hints():

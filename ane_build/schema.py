@@ -55,10 +55,12 @@ SCHEMA = {
         "decode_method": Field(bool, False, help="add a one-token decode method beside forward"),
     },
     "quantize": {
-        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w", "c8w", "source"),
+        "linear": Field(str, "c4w", choices=("none", "c4w", "b4w", "c8w", "lut4", "lut6", "source"),
                         help="weights at 4 bits per channel (c4w) or per block (b4w), 8 bits per channel (c8w), "
+                             "4/6-bit palettes per group of channels (lut4, lut6), "
                              "or a GGUF's own blocks as they are (source)"),
         "group_size": Field(int, 32, minimum=1, help="b4w block size along in_features"),
+        "palette_group": Field(int, 16, minimum=1, help="lut4/lut6: output channels sharing one palette"),
         "mapping": Field(str, "symmetric", choices=("symmetric", "asymmetric"),
                          help="linear weights: a scale per channel/block (the seed's), or a scale and a zero point"),
         "scales": Field(str, "minmax", choices=("minmax", "hqq"),

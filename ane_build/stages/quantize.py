@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ane_build import saved_programs, source_blocks
+from ane_build import palettize, saved_programs, source_blocks
 from ane_build.errors import UserError
 from ane_build.model import io
 
@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 # {kind: bits per weight}. c4w/c8w: one scale (and zero point) per output channel, the form the
 # Neural Engine runs; b4w: one per block of group_size inputs (Mac GPU; the ANE wants channels).
 # source: the checkpoint's own blocks, each linear at its GGUF type's bits (source_blocks.group).
-LINEAR_BITS = {"none": None, "c4w": 4, "b4w": 4, "c8w": 8, "source": None}
+LINEAR_BITS = {"none": None, "c4w": 4, "b4w": 4, "c8w": 8, "lut4": 4, "lut6": 6, "source": None}
+# lut4/lut6: a k-means palette of 16/64 values per palette_group output channels (palettize.py).
+PALETTES = {"lut4": 4, "lut6": 6}
 LINEAR_KINDS = tuple(LINEAR_BITS)
 MAPPINGS = ("symmetric", "asymmetric")
 # minmax spans each channel's range (the seed's); hqq picks the scale that minimises the error
@@ -51,7 +53,11 @@ def resolve(params):
     if not isinstance(overrides, dict):
         raise UserError("", f"quantize.overrides={overrides!r}: expected a mapping of module pattern to kind")
     overrides = {str(pattern): _kind(kind, f"quantize.overrides.{pattern}") for pattern, kind in overrides.items()}
-    return {"linear": linear, "group_size": group_size, "mapping": mapping, "scales": scales,
+    palette_group = params.get("palette_group", 16)
+    if isinstance(palette_group, bool) or not isinstance(palette_group, int) or palette_group < 1:
+        raise UserError("", f"quantize.palette_group={palette_group!r}: expected a positive integer")
+    return {"linear": linear, "group_size": group_size, "palette_group": palette_group, "mapping": mapping,
+            "scales": scales,
             "overrides": overrides, "embedding": _embedding_spec(params.get("embedding"))}
 
 
@@ -133,6 +139,12 @@ def _check_divisible(model, settings):
             raise UserError("", f"quantize.group_size={group} does not divide layer {name} "
                                 f"(in_features={m.in_features}); b4w needs a group size dividing every "
                                 f"linear's in_features, i.e. a divisor of {common}")
+    rows = settings["palette_group"]
+    for name, (m, kind) in linears.items():
+        if kind in PALETTES and m.out_features % rows:
+            raise UserError("", f"quantize.palette_group={rows} does not divide layer {name}'s "
+                                f"{m.out_features} output channels; {kind} needs a divisor of every palettized "
+                                "linear's out_features")
     if settings["embedding"] and settings["embedding"]["group"]:
         group, dim = settings["embedding"]["group"], model.tok_embeddings.embedding_dim
         if dim % group:
@@ -146,8 +158,11 @@ def _quantize(model, settings, source=None):
     if settings["embedding"]:
         quantize_(model, _embedding_config(settings["embedding"]), lambda m, fqn: isinstance(m, nn.Embedding))
     kinds = {name: kind for name, (_, kind) in _linears(model, settings).items()}
-    for kind in set(kinds.values()) - {"none", "source"}:
+    for kind in set(kinds.values()) - {"none", "source", *PALETTES}:
         quantize_(model, _linear_config(kind, settings), lambda m, fqn, kind=kind: kinds.get(fqn) == kind)
+    for kind in set(kinds.values()) & set(PALETTES):
+        palettize.palettize_linears(model, PALETTES[kind], settings["palette_group"],
+                                    lambda m, fqn, kind=kind: kinds.get(fqn) == kind)
     if "source" in kinds.values():
         source_blocks.quantize(model, [name for name, kind in kinds.items() if kind == "source"], source)
 

@@ -91,6 +91,23 @@ def test_eight_bits_per_channel_fit_sixteen_times_closer_than_four(rewritten):
     assert error8 < error4 / 64
 
 
+def test_palettes_export_as_codebook_lookups_of_their_bits(rewritten, tmp_path):
+    params = {"linear": "lut6", "palette_group": 16, "overrides": {"output": "c8w"}}
+    entry = run(rewritten, tmp_path, params)
+    spec = io.read_spec(entry)
+    groups = spec["quantize"]["weight_groups"]
+    assert groups["linear:lut6"]["bits"] == 6 and groups["linear:c8w"]["bits"] == 8
+    program = quantize.saved_programs.load(entry / "forward.pt2")
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    linears = [n for n, m in quantize.io.load_model(rewritten).named_modules() if isinstance(m, torch.nn.Linear)]
+    palettized = [n for n in linears if not n.startswith("output.")]  # every split chunk but the head's
+    assert targets.count("quant.dequantize_codebook.default") == len(palettized) > 7
+    model = quantize.quantized_model(rewritten, params)
+    weight = dict(model.named_modules())[palettized[0]].weight.dequantize()
+    for rows in weight.reshape(-1, 16, weight.shape[1]):  # one palette of at most 64 values per 16 rows
+        assert rows.unique().numel() <= 64
+
+
 def test_hqq_scales_fit_closer_than_minmax(rewritten):
     minmax, _ = quantization_error(rewritten, {"linear": "c4w"})
     hqq, _ = quantization_error(rewritten, {"linear": "c4w", "scales": "hqq"})
@@ -106,6 +123,7 @@ def test_hqq_scales_fit_closer_than_minmax(rewritten):
     ({"scales": "hqq", "mapping": "asymmetric"}, ["quantize.scales=hqq", "mapping=symmetric"]),
     ({"scales": "mse"}, ["quantize.scales='mse'", "minmax, hqq"]),
     ({"overrides": {"output": "c6w"}}, ["quantize.overrides.output='c6w'"]),
+    ({"linear": "lut4", "palette_group": 48}, ["quantize.palette_group=48", "64 output channels"]),
     ({"overrides": ["output"]}, ["quantize.overrides=['output']"]),
     ({"embedding": "3,32"}, ["quantize.embedding='3,32'"]),
     ({"embedding": "4,x"}, ["quantize.embedding='4,x'"]),
