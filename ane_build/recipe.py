@@ -141,6 +141,11 @@ def _check_rules(recipe, where):
         raise UserError(where, f"smoke.prompts: expected a list of non-empty strings; got {prompts!r}")
 
 
+def linear_kinds(quantize):
+    """Every kind a ``quantize:`` section gives some linear: ``linear`` and the overrides' kinds."""
+    return {quantize["linear"], *(quantize.get("overrides") or {}).values()}
+
+
 def _check_overrides(overrides, where):
     kinds = schema.SCHEMA["quantize"]["linear"].choices
     for pattern, kind in overrides.items():
@@ -155,7 +160,7 @@ def _check_deployment_target(recipe, where):
     if target == "iOS18":
         return
     quant, dtype = recipe["quantize"], recipe["ane"]["dtype"]
-    kinds = sorted({quant["linear"], *(quant.get("overrides") or {}).values()} - {"none"})
+    kinds = sorted(linear_kinds(quant) - {"none"})
     if kinds:
         raise UserError(where, f"quantize.linear: quantized linear weights ({'/'.join(kinds)}) need "
                                f"export.minimum_deployment_target iOS18 (checked on coremltools 9.0); got {target}")
@@ -170,9 +175,7 @@ def _check_deployment_target(recipe, where):
 def _warn_source_blocks_on_ne(recipe):
     """Kind source keeps a GGUF's per-block scales, which the Neural Engine does not run: allowed
     (Core ML takes them), but said, since the recipe asks for the NE."""
-    quant = recipe["quantize"]
-    kinds = {quant["linear"], *(quant["overrides"] or {}).values()}
-    if recipe["export"]["compute_unit"] == "CPU_AND_NE" and "source" in kinds:
+    if recipe["export"]["compute_unit"] == "CPU_AND_NE" and "source" in linear_kinds(recipe["quantize"]):
         log.warning("recipe %s (%s): quantize.linear=source keeps the checkpoint's per-block scales, which the "
                     "Neural Engine does not run: with export.compute_unit=CPU_AND_NE, Core ML will dequantize those "
                     "linears on the GPU/CPU (c8w or c4w, one scale per channel, run on the NE)",

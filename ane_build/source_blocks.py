@@ -97,8 +97,8 @@ def save(source, folder):
 
     tensors = {f"{name}.{p}": getattr(b, p).contiguous() for name, b in source.blocks.items() for p in _PARTS}
     info = {name: {"type": b.type, "bits": b.bits} for name, b in source.blocks.items()}
-    save_file(tensors, str(Path(folder) / FILE),
-              metadata={"blocks": json.dumps(info, sort_keys=True), "refused": json.dumps(source.refused, sort_keys=True)})
+    metadata = {"blocks": json.dumps(info, sort_keys=True), "refused": json.dumps(source.refused, sort_keys=True)}
+    save_file(tensors, str(Path(folder) / FILE), metadata=metadata)
 
 
 def load(folder):

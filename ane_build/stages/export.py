@@ -258,12 +258,12 @@ def run(inputs, params, out_dir):
     # The twin lowers in a second process meanwhile: the two lowerings share nothing but their
     # input files, and each is single-threaded Python (ExecuTorch's and coremltools' passes),
     # so on two cores the stage takes the longer of the two instead of their sum.
-    beside = worker.jobs() == 2
-    with (worker.beside if beside else worker.later)(write_twin, quant_dir, out_dir / TWIN_FILE) as twin_result:
+    run_twin = worker.beside_or_later()
+    with run_twin(write_twin, quant_dir, out_dir / TWIN_FILE) as twin_result:
         started = time.time()
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin %s", ", ".join(spec["programs"]),
                  settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"],
-                 "beside it" if beside else "after it")
+                 "beside it" if run_twin is worker.beside else "after it")
         coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], metadata)
         report = delegation_report(coreml)
         write_report(report, out_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ane_build import palettize, saved_programs, source_blocks
+from ane_build import palettize, recipe, saved_programs, source_blocks
 from ane_build.errors import UserError
 from ane_build.model import io
 
@@ -73,7 +73,7 @@ def _kind(value, where):
 
 def quantized_kinds(settings):
     """The kinds other than none that some linear may get, whatever the model."""
-    return sorted({settings["linear"], *settings["overrides"].values()} - {"none"})
+    return sorted(recipe.linear_kinds(settings) - {"none"})
 
 
 def linear_kind(settings, name):

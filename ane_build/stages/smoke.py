@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ane_build import quality
+from ane_build import quality, schema
 from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
@@ -35,6 +35,7 @@ from ane_build.runtime.tokenizer import TextStream, Tokenizer
 from ane_build.stages.export import MODEL_FILE, TWIN_FILE
 
 log = logging.getLogger(__name__)
+DEFAULTS = schema.SCHEMA["smoke"]  # for settings given without a recipe (a run by hand)
 REPORT_JSON = "smoke.json"
 REPORT_MD = "smoke.md"
 SEED = 0
@@ -49,16 +50,16 @@ def run(inputs, params, out_dir):
     from executorch.runtime import Runtime
 
     export_dir, out_dir = Path(inputs["export"]), Path(out_dir)
-    runtime = choose_program(Runtime.get().backend_registry.registered_backend_names,
-                             io.read_spec(export_dir)["ane"]["dtype"])
+    spec = io.read_spec(export_dir)
+    runtime = choose_program(Runtime.get().backend_registry.registered_backend_names, spec["ane"]["dtype"])
     program = PteProgram(export_dir / runtime["program"])
-    tokenizer = Tokenizer(export_dir / io.read_spec(export_dir)["tokenizer"])
+    tokenizer = Tokenizer(export_dir / spec["tokenizer"])
     tokenizer.check_fits(program.info.vocab_size, runtime["program"])
     reference = ReferenceLlama.from_checkpoint(inputs["convert"])
     log.info("smoke: %s on %s, %d prompt(s)", runtime["program"], runtime["backend"], len(params["prompts"]))
 
     results = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
-    n_eval = params.get("eval_tokens", 512)
+    n_eval = params.get("eval_tokens", DEFAULTS["eval_tokens"].default)
     files = (export_dir / runtime["program"], inputs["convert"])
     evaluation = quality.score_text(program, tokenizer, reference, n_eval, files) if n_eval else None
     summary = summarize(results, evaluation, runtime)
@@ -191,7 +192,7 @@ def check_eval(evaluation, params):
         raise UserError("smoke.min_top1_agreement", f"{where}: top-1 agreement with the fp32 reference is "
                                                     f"{evaluation['top1_agreement']:.3f}, below "
                                                     f"{params['min_top1_agreement']}")
-    limit = params.get("max_mean_kld", 0.05)
+    limit = params.get("max_mean_kld", DEFAULTS["max_mean_kld"].default)
     if evaluation["mean_kld"] > limit:
         raise UserError("smoke.max_mean_kld", f"{where}: mean KL divergence from the fp32 reference is "
                                               f"{evaluation['mean_kld']:.4f}, above {limit}")
@@ -229,11 +230,12 @@ def _eval_lines(evaluation, settings):
         return ["", "No evaluation text was scored (smoke.eval_tokens: 0)."]
     if not evaluation["finite"]:
         return ["", "On the evaluation text the program's logits held NaN or inf."]
+    limit = settings.get("max_mean_kld", DEFAULTS["max_mean_kld"].default)
     return ["", f"Evaluation text ({evaluation['source']}, sha256 {evaluation['sha256'][:12]}), "
                 f"{evaluation['positions']} teacher-forced positions: top-1 agreement "
                 f"{evaluation['top1_agreement']:.3f} (at least {settings['min_top1_agreement']} required), "
                 f"mean KL divergence from fp32 {evaluation['mean_kld']:.4f} (at most "
-                f"{settings.get('max_mean_kld', 0.05)} allowed; 99th percentile {evaluation['p99_kld']:.4f}, "
+                f"{limit} allowed; 99th percentile {evaluation['p99_kld']:.4f}, "
                 f"max {evaluation['max_kld']:.4f})."]
 
 
