@@ -118,3 +118,12 @@ def test_empty_prompts(write):
 def test_bf16_is_refused_with_why(write):
     msg = load_err(write("r.yaml", SOURCE + "ane: {dtype: bf16}\n"))
     assert "ane.dtype: expected one of fp16, fp32; got 'bf16' (the Neural Engine computes in fp16" in msg
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ("{output: c6w}", "quantize.overrides.output: expected a module pattern (a string) mapped to one of "),
+    ("[output]", "quantize.overrides: expected a mapping; got ['output']"),
+])
+def test_bad_overrides_are_one_line_at_load(write, overrides, expected):
+    msg = load_err(write("r.yaml", SOURCE + f"quantize: {{overrides: {overrides}}}\n"))
+    assert f"r.yaml: {expected}" in msg
