@@ -81,12 +81,12 @@ def _rss_kb(pid):
     return 0
 
 
-def timed(cmd, log, env=None):
+def timed(cmd, log, env=None, cwd=ROOT):
     """(wall seconds, peak RSS of the process in MB (wait4), peak RSS of its process tree in MB).
     ``env``: variables to set for the command, on top of this process's."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})})
         tree = TreeRss(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start

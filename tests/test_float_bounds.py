@@ -6,8 +6,6 @@ runs on. No ExecuTorch: the wide tiny model, as test_export's decode build has i
 """
 
 import copy
-import math
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -36,23 +34,26 @@ def sequential_sum(x):
     return sequential_matmul(x, torch.ones(x.shape[-1], 1, dtype=x.dtype))
 
 
-def sequential_attention(q, k, v, attn_mask):
-    """scaled_dot_product_attention with its two matmuls and its softmax's sum accumulated term by term."""
-    scores = sequential_matmul(q, k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1])) + attn_mask
-    exps = (scores - scores.amax(-1, keepdim=True)).exp()
-    return sequential_matmul(exps / sequential_sum(exps), v)
+def sequential_softmax(x):
+    """x.softmax(-1) with its sum accumulated term by term."""
+    exps = (x - x.amax(-1, keepdim=True)).exp()
+    return exps / sequential_sum(exps)
 
 
 class SequentialAccumulation(TorchFunctionMode):
     """Every reduction of AneLlama accumulated term by term in the model's dtype: its linears (no
-    bias), attention, and SafeRMSNorm's mean(-1, keepdim=True), the model's only mean."""
+    bias), attention's two matmuls and its softmax's sum, and SafeRMSNorm's mean(-1, keepdim=True),
+    the model's only mean."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             return sequential_matmul(args[0], args[1].T)
-        if func is F.scaled_dot_product_attention:
-            return sequential_attention(*args, **kwargs)
+        if func is torch.bmm:
+            return sequential_matmul(*args)
+        if func is torch.Tensor.softmax:
+            assert args[1:] in ((-1,), ()) and kwargs.get("dim", -1) == -1, "softmax over the last axis only"
+            return sequential_softmax(args[0])
         if func is torch.Tensor.mean:
             return sequential_sum(args[0]) / args[0].shape[-1]
         return func(*args, **kwargs)

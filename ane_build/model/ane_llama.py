@@ -10,15 +10,18 @@ Calling convention (the seed's; one call processes ``seq_length`` tokens):
 - ``tokens`` [1, seq_length] int64: ``input_length`` real tokens, then the caller's padding;
 - ``input_pos`` [1] int64: absolute position of ``tokens[0, 0]``;
 - ``input_length`` [1] int64: the logits of position ``input_length - 1`` are returned;
-- ``k_caches`` / ``v_caches``: either a list of [1, n_kv_heads, cache_size, head_dim]
-  (one per layer; the recipe's ``use_cache_list``) or one
-  [n_layers, 1, n_kv_heads, cache_size, head_dim] tensor. Keys are stored rotated, so the
-  slot order inside a cache does not matter;
+- ``k_caches`` / ``v_caches``: either a list with one tensor per layer (the recipe's
+  ``use_cache_list``) or one tensor stacking them on a leading n_layers axis. A layer's
+  values are [1, n_kv_heads, cache_size, head_dim]; its keys are kept transposed,
+  [1, n_kv_heads, head_dim, cache_size] (the slot on the last axis, as upstream's static
+  attention can keep them): the scores are then a plain matmul of the queries with the
+  cache, and no call transposes a cache-sized tensor. Keys are stored rotated, so the slot
+  order inside a cache does not matter;
 - ``attn_mask`` [seq_length, cache_size + seq_length]: additive, columns are the cache
   slots followed by the new tokens (see ``attention_mask``).
 
 It returns ``(logits [1, vocab], new_k, new_v)``: new_k/new_v hold only the seq_length new
-rows per layer, in the caches' layout; the caller writes the first input_length of them
+slots per layer, in the caches' layout (``KEY_SLOT_DIM``, ``VALUE_SLOT_DIM``); the caller writes the first input_length of them
 into its cache (``SlidingCache`` is a minimal pure-torch caller for tests).
 
 seq_length is read from the input shape, never stored, so the same weights trace a
@@ -37,6 +40,8 @@ from ane_build.model.reference import rms_norm, rope_frequencies
 # exp() of anything below -20 is already 0 in fp16. Half of fp16's minimum, not the minimum
 # itself, so that score + mask cannot overflow to -inf in fp16.
 MASK_MIN = torch.finfo(torch.float16).min / 2
+# The axis of a layer's cache (and of a call's new keys or values) that holds its slots.
+KEY_SLOT_DIM, VALUE_SLOT_DIM = -1, -2
 
 
 class RMSNorm(nn.Module):
@@ -64,30 +69,34 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * hd, dim, bias=False)
 
     def forward(self, x, cos, sin, k_cache, v_cache, mask):
-        """x [1, S, dim] -> (out [1, S, dim], new k and v [1, n_kv_heads, S, head_dim])."""
+        """x [1, S, dim] -> (out [1, S, dim], new keys [1, n_kv_heads, head_dim, S], new values
+        [1, n_kv_heads, S, head_dim])."""
         q = rotate(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
-        k = rotate(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin)
-        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        k = rotate(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).permute(0, 2, 3, 1)
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        keys = torch.cat([k_cache, k], dim=KEY_SLOT_DIM)
+        values = torch.cat([v_cache, v], dim=VALUE_SLOT_DIM)
         return self.wo(self._grouped_attention(q, keys, values, mask)), k, v
 
     def _grouped_attention(self, q, keys, values, mask):
-        """Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
-        q [1, n_heads, S, head_dim], mask [rep * S, ...] (``grouped_mask``) -> [1, S, n_heads * head_dim].
+        """Grouped-query attention, each kv head serving n_heads / n_kv_heads query heads, as two
+        matmuls and a softmax of rank 3: q [1, S, n_heads, head_dim], keys [1, n_kv_heads,
+        head_dim, slots], values [1, n_kv_heads, slots, head_dim], mask [rep * S, slots]
+        (``grouped_mask``) -> [1, S, n_heads * head_dim].
 
-        The query heads of one kv head attend as extra query rows of it ([1, n_kv_heads,
-        rep * S, head_dim]), rather than the keys and values being copied out to every query
-        head: the cache is read as it is, never copied rep times over, on any backend.
+        The query heads of one kv head attend as extra query rows of it ([n_kv_heads, rep * S,
+        head_dim]), so the caches are read as they are, never copied out to every query head,
+        and no tensor has rank 5 (which Core ML has been reported to run wrongly). Written out
+        rather than as scaled_dot_product_attention, whose CPU decomposition casts fp16 caches to
+        fp32 and transposes the keys on every call, and whose fused Core ML op the Neural Engine
+        is not reported to take.
         """
-        rep = self.n_heads // self.n_kv_heads
-        _, _, seq, hd = q.shape
-        rows = q.reshape(1, self.n_kv_heads, rep * seq, hd)  # query head h = kv head h // rep
-        # A CPU attention kernel may hand its output back in another memory layout than the
-        # one traced: a contiguous copy (a few rows, not the cache) keeps the views below valid.
-        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask)
-        out = out.clone(memory_format=torch.contiguous_format)
-        return out.unflatten(2, (rep, seq)).permute(0, 3, 1, 2, 4).flatten(2)
+        _, seq, n_heads, hd = q.shape
+        # The scale on the queries (a few rows), not the scores: for head_dim 64 it is exact.
+        rows = (q.transpose(1, 2) * hd ** -0.5).reshape(self.n_kv_heads, -1, hd)
+        scores = torch.bmm(rows, keys.squeeze(0)) + mask
+        out = torch.bmm(scores.softmax(-1), values.squeeze(0))  # [n_kv_heads, rep * S, hd]
+        return out.reshape(n_heads, seq, hd).transpose(0, 1).reshape(1, seq, n_heads * hd)
 
     def grouped_mask(self, mask):
         """The mask of a call for ``_grouped_attention``'s query rows; the same in every layer."""
@@ -211,10 +220,11 @@ def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):
 
 def empty_caches(params, cache_size, use_cache_list, dtype=torch.float32):
     """Zeroed (k_caches, v_caches) in the layout ``use_cache_list`` selects."""
-    shape = (1, params.get("n_kv_heads") or params["n_heads"], cache_size, canonical.head_dim(params))
+    n_kv_heads, hd = params.get("n_kv_heads") or params["n_heads"], canonical.head_dim(params)
+    shapes = (1, n_kv_heads, hd, cache_size), (1, n_kv_heads, cache_size, hd)
     if use_cache_list:
-        return tuple([torch.zeros(shape, dtype=dtype) for _ in range(params["n_layers"])] for _ in "kv")
-    return tuple(torch.zeros((params["n_layers"], *shape), dtype=dtype) for _ in "kv")
+        return tuple([torch.zeros(shape, dtype=dtype) for _ in range(params["n_layers"])] for shape in shapes)
+    return tuple(torch.zeros((params["n_layers"], *shape), dtype=dtype) for shape in shapes)
 
 
 class SlidingCache:
@@ -247,16 +257,13 @@ class SlidingCache:
         return padded, torch.tensor([self.pos]), torch.tensor([n]), self.k_caches, self.v_caches, mask
 
     def update(self, new_k, new_v, input_length):
-        """Write the first input_length new rows into the ring (only the last cache_size survive)."""
+        """Write the first input_length new slots into the ring (only the last cache_size survive)."""
         keep = min(input_length, self.cache_size)
         rows = torch.arange(input_length - keep, input_length)
         slots = (self.pos + rows) % self.cache_size
-        if self.use_cache_list:
-            pairs = [*zip(self.k_caches, new_k), *zip(self.v_caches, new_v)]
-        else:
-            pairs = [(self.k_caches, new_k), (self.v_caches, new_v)]
-        for cache, new in pairs:
-            cache.index_copy_(-2, slots, new.index_select(-2, rows))
+        for caches, news, dim in ((self.k_caches, new_k, KEY_SLOT_DIM), (self.v_caches, new_v, VALUE_SLOT_DIM)):
+            for cache, new in zip(caches, news) if self.use_cache_list else [(caches, news)]:
+                cache.index_copy_(dim, slots, new.index_select(dim, rows))
         self.pos += input_length
 
     def step(self, model, tokens, seq_length=None):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ane_build.model import io
-from ane_build.model.ane_llama import attention_mask, empty_caches
+from ane_build.model.ane_llama import KEY_SLOT_DIM, VALUE_SLOT_DIM, attention_mask, empty_caches
 
 
 @dataclass
@@ -77,18 +77,17 @@ class KVCache:
         return call
 
     def commit(self, new_k, new_v, n):
-        """Write a call's first ``n`` new rows into the ring (only the last cache_size of them can stay)."""
+        """Write a call's first ``n`` new slots into the ring (only the last cache_size of them can stay)."""
         keep = min(n, self.cache_size)
         row = n - keep
         slot = (self.pos + row) % self.cache_size
         head = min(keep, self.cache_size - slot)
-        for caches, news in ((self.k_caches, new_k), (self.v_caches, new_v)):
-            # Both layouts keep the slot (or new row) in dim -2: pair each cache with its rows.
+        for caches, news, dim in ((self.k_caches, new_k, KEY_SLOT_DIM), (self.v_caches, new_v, VALUE_SLOT_DIM)):
             pairs = zip(caches, news) if isinstance(caches, list) else [(caches, news)]
             for cache, rows in pairs:
-                cache[..., slot:slot + head, :] = rows[..., row:row + head, :]
+                cache.narrow(dim, slot, head).copy_(rows.narrow(dim, row, head))
                 if head < keep:  # past the ring's end: the rest starts over at slot 0
-                    cache[..., :keep - head, :] = rows[..., row + head:n, :]
+                    cache.narrow(dim, 0, keep - head).copy_(rows.narrow(dim, row + head, keep - head))
         self.pos += n
 
 

@@ -113,10 +113,9 @@ def _input_shapes(path, method_meta):
         raise UserError(str(path), f"forward takes inputs of shapes {sizes}; expected an ane-build Llama's "
                                    "(tokens, input_pos, input_length, k caches, v caches, attn_mask)")
     use_cache_list = len(sizes[3]) == 4
-    if use_cache_list:
-        n_layers, (_, n_kv_heads, cache_size, head_dim) = (n_inputs - 4) // 2, sizes[3]
-    else:
-        n_layers, _, n_kv_heads, cache_size, head_dim = sizes[3]
+    # The first value cache follows the key caches: one input per layer, or one in all.
+    n_layers = (n_inputs - 4) // 2 if use_cache_list else sizes[3][0]
+    *_, n_kv_heads, cache_size, head_dim = sizes[3 + n_layers if use_cache_list else 4]
     code = method_meta.input_tensor_meta(3).dtype()
     if code not in _SCALAR_TYPES:
         raise UserError(str(path), f"caches of ExecuTorch dtype code {code}; expected fp16 or fp32")

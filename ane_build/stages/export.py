@@ -107,13 +107,15 @@ def lower_twin(programs, metadata):
     constant propagation removes every call to it (ExecuTorch's default skips quantization
     ops; only its ``full`` skip is kept, as folding ``full`` just bloats the file).
 
-    Linears only: with every XNNPACK op, the ops XNNPACK lacks (amax, mean, the attention
-    mask's logic...) cut each layer into ~13 partitions, and ExecuTorch's partitioning time
-    grows with partitions x graph size: SmolLM2-135M's twin took 8 min that way, 3 min
-    like this. The linears are nearly all the FLOPs: a 64-token forward takes 0.7 s on 2
-    cores (0.3 s with every op on XNNPACK, 12 s with none).
+    Linears and attention's matmuls and softmax only: with every XNNPACK op, the ops XNNPACK
+    lacks (mean, the attention mask's logic...) cut each layer into ~13 partitions, and
+    ExecuTorch's partitioning time grows with partitions x graph size: SmolLM2-135M's twin
+    took 8 min that way, 3 min with linears alone. The linears are nearly all the FLOPs; the
+    attention reads the whole KV cache on every call, which portable fp16 kernels make the
+    slowest part of a decode step.
     """
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig, SoftmaxConfig
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import (
         constant_prop_pass,
@@ -123,7 +125,7 @@ def lower_twin(programs, metadata):
     skip = get_default_skip_targets_no_quant()
     folded = {m: constant_prop_pass(ep, custom_skip_targets=skip) for m, ep in programs.items()}
     with lean_lowering():
-        return to_edge_transform_and_lower(folded, partitioner=[_linears_partitioner()(configs=[LinearConfig])],
+        return to_edge_transform_and_lower(folded, partitioner=[_linears_partitioner()(configs=[LinearConfig, BMMConfig, SoftmaxConfig])],
                                            constant_methods=metadata, compile_config=_edge_config())
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ane_build.model.ane_llama import MASK_MIN
+from ane_build.model.ane_llama import KEY_SLOT_DIM, MASK_MIN, VALUE_SLOT_DIM
 from ane_build.runtime.kv_cache import KVCache, feed
 from ane_build.runtime.program import open_eager
 from tests import float_bounds
@@ -18,9 +18,9 @@ def eager(checkpoint, layout="list", cache_size=CACHE):
 
 
 def caches(cache):
-    """Every cache tensor, whatever the layout."""
-    both = [cache.k_caches, cache.v_caches]
-    return [t for c in both for t in (c if isinstance(c, list) else [c])]
+    """Every cache tensor, whatever the layout, with the axis of its slots."""
+    both = [(cache.k_caches, KEY_SLOT_DIM), (cache.v_caches, VALUE_SLOT_DIM)]
+    return [(t, dim) for c, dim in both for t in (c if isinstance(c, list) else [c])]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -41,17 +41,17 @@ def test_a_step_writes_only_its_rows_in_place(checkpoint, layout):
     program = eager(checkpoint, layout)
     cache = KVCache(program.info, program.methods)
     tensors = caches(cache)
-    pointers = [t.data_ptr() for t in tensors]
+    pointers = [t.data_ptr() for t, _ in tensors]
     inputs = {name: [t.data_ptr() for t in call.flat] for name, call in cache.calls.items()}
     for token in tokens_for(tiny_params(), 2 * CACHE + 3):
-        before = [t.clone() for t in tensors]
+        before = [t.clone() for t, _ in tensors]
         slot = cache.pos % CACHE
         feed(program, cache, [token])
-        for old, new in zip(before, tensors):
-            changed = (old != new).flatten(0, -3).any(0).any(-1)  # per slot
+        for old, (new, dim) in zip(before, tensors):
+            changed = (old != new).movedim(dim, 0).flatten(1).any(1)  # per slot
             assert changed.nonzero().flatten().tolist() == [slot]
     assert cache.pos == 2 * CACHE + 3
-    assert [t.data_ptr() for t in caches(cache)] == pointers  # the same tensors throughout
+    assert [t.data_ptr() for t, _ in caches(cache)] == pointers  # the same tensors throughout
     assert {name: [t.data_ptr() for t in call.flat] for name, call in cache.calls.items()} == inputs
 
 
