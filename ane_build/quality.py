@@ -19,7 +19,6 @@ import hashlib
 import logging
 import math
 
-from ane_build import worker
 from ane_build.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,24 +34,24 @@ def eval_text():
     return text, hashlib.sha256(text.encode()).hexdigest()
 
 
-def score_text(program, tokenizer, reference, n_tokens, files):
+def score_text(program, tokenizer, reference, n_tokens):
     """{"tokens", "top1_agreement", "mean_kld", ...} of ``program`` on the first ``n_tokens``
     tokens of the evaluation text (fewer if its KV cache holds fewer: past its window the
-    program rightly sees less than the reference).
+    program rightly sees less than the reference)."""
+    import torch
 
-    The text is scored in two halves, the second in a second process (``files``: the program
-    file and the checkpoint folder it loads) that prefills the first half in whole forward
-    calls and then reads its own half token by token: one token per call is the slow part, and
-    the halves share nothing but the text. With ``ANE_BUILD_JOBS=1`` the second half runs after
-    the first in this process, with the same result."""
+    from ane_build.runtime.kv_cache import KVCache, feed
+
     text, digest = eval_text()
     ids = tokenizer.prompt_ids(text, program.info)[:min(n_tokens, program.info.cache_size)]
     if len(ids) < 2:
         raise UserError("smoke.eval_tokens", f"{n_tokens} token(s) score no position; expected 0 (none) or 2 or more")
-    half = len(ids) // 2
-    with worker.beside_or_later()(score_span_of, *files, ids, half) as second:
-        first = score_span(program, reference, ids, 0, half)
-        top1, kld = (a + b for a, b in zip(first, second()))
+    # Position i predicts token i + 1 having read tokens 0..i.
+    cache = KVCache(program.info, program.methods)
+    got = torch.stack([feed(program, cache, [token]).double() for token in ids[:-1]]).log_softmax(-1)
+    want = reference(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
+    kld = (want.exp() * (want - got)).sum(-1).tolist()
+    top1 = (want.argmax(-1) == got.argmax(-1)).int().tolist()
     result = {"source": f"pydoc_data.topics[{EVAL_TOPIC!r}]", "sha256": digest, "tokens": len(ids),
               "positions": len(ids) - 1, "finite": all(math.isfinite(k) for k in kld)}
     if result["finite"]:
@@ -62,33 +61,6 @@ def score_text(program, tokenizer, reference, n_tokens, files):
         log.info("eval text: %d positions, top-1 agreement %.3f, mean KLD %.4f", result["positions"],
                  result["top1_agreement"], result["mean_kld"])
     return result
-
-
-def score_span_of(program_file, checkpoint_dir, ids, start):
-    """``score_span`` from ``start`` to the end of ``ids``, loading the program and reference itself."""
-    from ane_build.model.reference import ReferenceLlama
-    from ane_build.runtime.program import PteProgram
-
-    program, reference = PteProgram(program_file), ReferenceLlama.from_checkpoint(checkpoint_dir)
-    return score_span(program, reference, ids, start, len(ids) - 1)
-
-
-def score_span(program, reference, ids, start, stop):
-    """([top-1 agreement 0/1], [KL(fp32 || program)]) at the positions ``start``..``stop``-1 of
-    ``ids``, where position i predicts token i + 1 having read tokens 0..i."""
-    import torch
-
-    from ane_build.runtime.kv_cache import KVCache, feed
-
-    if start >= stop:
-        return [], []
-    cache = KVCache(program.info, program.methods)
-    if start:
-        feed(program, cache, ids[:start])
-    got = torch.stack([feed(program, cache, [token]).double() for token in ids[start:stop]]).log_softmax(-1)
-    want = reference(torch.tensor([ids[:stop]]))[0, start:stop].double().log_softmax(-1)
-    kld = (want.exp() * (want - got)).sum(-1)
-    return (want.argmax(-1) == got.argmax(-1)).int().tolist(), kld.tolist()
 
 
 def repeating_tail(generated):

@@ -6,6 +6,7 @@ runs on. No ExecuTorch: the wide tiny model, as test_export's decode build has i
 """
 
 import copy
+
 import pytest
 import torch
 from torch.nn import functional as F

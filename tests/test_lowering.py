@@ -167,7 +167,7 @@ def test_each_method_is_traced_once_before_its_edge_passes(monkeypatch):
 
     def lower():
         traces.clear(), seen.clear()
-        manager = to_edge_transform_and_lower(program, partitioner=[export._linears_partitioner()()])
+        manager = to_edge_transform_and_lower(program, partitioner=[export._twin_partitioner()()])
         return seen[0], manager.exported_program().graph_module.code
 
     stock = lower()
@@ -229,7 +229,7 @@ def test_fake_delegate_calls_answer_from_recorded_outputs(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     manager = to_edge_transform_and_lower(torch.export.export(LinearThenSilu(), (torch.randn(2, 8),)),
-                                          partitioner=[export._linears_partitioner()()])
+                                          partitioner=[export._twin_partitioner()()])
     lowered = manager.exported_program().graph_module.lowered_module_0
     real = torch.randn(2, 8)
     runs, module = [], lowered.original_module.module

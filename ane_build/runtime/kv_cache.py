@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ane_build.model import io
-from ane_build.model.ane_llama import KEY_SLOT_DIM, VALUE_SLOT_DIM, attention_mask, empty_caches
+from ane_build.model.ane_llama import (
+    KEY_SLOT_DIM,
+    VALUE_SLOT_DIM,
+    attention_mask,
+    empty_caches,
+)
 
 
 @dataclass

@@ -115,7 +115,10 @@ def lower_twin(programs, metadata):
     slowest part of a decode step.
     """
     from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig, SoftmaxConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import (
+        BMMConfig,
+        SoftmaxConfig,
+    )
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import (
         constant_prop_pass,
@@ -125,7 +128,7 @@ def lower_twin(programs, metadata):
     skip = get_default_skip_targets_no_quant()
     folded = {m: constant_prop_pass(ep, custom_skip_targets=skip) for m, ep in programs.items()}
     with lean_lowering():
-        return to_edge_transform_and_lower(folded, partitioner=[_linears_partitioner()(configs=[LinearConfig, BMMConfig, SoftmaxConfig])],
+        return to_edge_transform_and_lower(folded, partitioner=[_twin_partitioner()(configs=[LinearConfig, BMMConfig, SoftmaxConfig])],
                                            constant_methods=metadata, compile_config=_edge_config())
 
 
@@ -137,7 +140,7 @@ def _edge_config():
     return EdgeCompileConfig(_check_ir_validity=False)
 
 
-def _linears_partitioner():
+def _twin_partitioner():
     """XnnpackPartitioner, dropping its per-node check of the ops to keep whole when it passes them all.
 
     With a check, ExecuTorch keeps those ops (linear) through two extra decompositions of the
@@ -147,13 +150,13 @@ def _linears_partitioner():
         XnnpackPartitioner,
     )
 
-    class LinearsPartitioner(XnnpackPartitioner):
+    class TwinPartitioner(XnnpackPartitioner):
         def ops_to_not_decompose(self, ep):
             ops, check = super().ops_to_not_decompose(ep)
             candidates = [n for n in ep.graph.nodes if n.op == "call_function" and n.target in ops]
             return (ops, None) if check is not None and all(map(check, candidates)) else (ops, check)
 
-    return LinearsPartitioner
+    return TwinPartitioner
 
 
 def write_pte(manager, path, quant_fusion=True):

@@ -60,8 +60,7 @@ def run(inputs, params, out_dir):
 
     results = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
     n_eval = params.get("eval_tokens", DEFAULTS["eval_tokens"].default)
-    files = (export_dir / runtime["program"], inputs["convert"])
-    evaluation = quality.score_text(program, tokenizer, reference, n_eval, files) if n_eval else None
+    evaluation = quality.score_text(program, tokenizer, reference, n_eval) if n_eval else None
     summary = summarize(results, evaluation, runtime)
     report = {"runtime": runtime, "settings": {**params, "top_p": 1.0, "seed": SEED}, "summary": summary,
               "prompts": results, "eval_text": evaluation}
