@@ -95,18 +95,100 @@ def _merged(path, chain):
 
 def _read_yaml(path):
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _StrictLoader(path.read_text())
+    except UnicodeDecodeError as e:
+        raise UserError(_display(path), f"unreadable YAML: {e}") from None
+    try:
+        data = loader.get_single_data()
+    except _Refused as e:
+        raise UserError(f"{_display(path)}:{e.mark.line + 1}", f"{e.key}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         raise UserError(f"{_display(path)}:{mark.line + 1}:{mark.column + 1}",
                         f"YAML syntax error: {e.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except yaml.YAMLError as e:
         raise UserError(_display(path), f"unreadable YAML: {e}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(_display(path), f"expected a mapping at the top level; got {type(data).__name__}")
     return data
+
+
+class _Refused(Exception):
+    """Something strict recipe YAML does not take, at ``mark``, under the (dotted) ``key``."""
+
+    def __init__(self, mark, key, problem):
+        super().__init__(problem)
+        self.mark, self.key, self.problem = mark, key, problem
+
+
+_YAML_TAG = "tag:yaml.org,2002:"
+_KEY_KINDS = {"int": "an integer", "float": "a number", "bool": "true/false", "null": "null",
+              "timestamp": "a date"}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing what lets a recipe read as one thing and load as another: a
+    repeated key (PyYAML keeps the last one silently), anchors and aliases (a value written
+    somewhere else, merge keys ``<<`` included), any tag (``!!str``, ``!!python/object``: a value
+    the reader does not see as written), and keys that are not strings (``1:``, ``yes:``, ``null:``).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._path = []  # the keys (and list indices) from the top down to the node being composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        is_key = isinstance(parent, yaml.MappingNode) and index is None
+        if is_key:
+            step = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+        else:
+            step = index.value if isinstance(parent, yaml.MappingNode) else index
+        self._path.append(step)
+        try:
+            self._refuse_references_and_tags(event)
+            node = super().compose_node(parent, index)
+            if is_key:
+                self._check_key(parent, node)
+        finally:
+            self._path.pop()
+        return node
+
+    def _key(self):
+        text = ""
+        for step in self._path[1:]:  # the first step is the document itself
+            text += f"[{step}]" if isinstance(step, int) else f".{step}"
+        return text.lstrip(".") or "(top level)"
+
+    def _refuse_references_and_tags(self, event):
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(event.start_mark, self._key(),
+                           f"YAML alias *{event.anchor}: anchors and aliases are not allowed (write the value out)")
+        if event.anchor is not None:
+            raise _Refused(event.start_mark, self._key(),
+                           f"YAML anchor &{event.anchor}: anchors and aliases are not allowed (write the value out)")
+        if event.tag is not None:
+            tag = event.tag.replace(_YAML_TAG, "!!", 1)
+            raise _Refused(event.start_mark, self._key(),
+                           f"YAML tag {tag}: tags are not allowed (write a plain value; quote a string)")
+
+    def _check_key(self, mapping, key):
+        if not isinstance(key, yaml.ScalarNode):
+            raise _Refused(key.start_mark, self._key(), "a key must be a string, not a list or mapping")
+        kind = key.tag.removeprefix(_YAML_TAG)
+        if kind == "merge":
+            raise _Refused(key.start_mark, self._key(), "merge keys are not allowed (write the keys out)")
+        if kind != "str":
+            raise _Refused(key.start_mark, self._key(),
+                           f"a key must be a string; this one reads as {_KEY_KINDS.get(kind, kind)} "
+                           f"(quote it: '{key.value}')")
+        first = next((k for k, _ in mapping.value if k.value == key.value), None)
+        if first is not None:
+            raise _Refused(key.start_mark, self._key(), f"duplicate key (first at line {first.start_mark.line + 1})")
 
 
 def deep_merge(base, override):

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from ane_build import recipe, schema
@@ -127,3 +129,39 @@ def test_bf16_is_refused_with_why(write):
 def test_bad_overrides_are_one_line_at_load(write, overrides, expected):
     msg = load_err(write("r.yaml", SOURCE + f"quantize: {{overrides: {overrides}}}\n"))
     assert f"r.yaml: {expected}" in msg
+
+
+@pytest.mark.parametrize(("text", "line", "expected"), [
+    (SOURCE + "device: a\ndevice: b\n", 3, "device: duplicate key (first at line 2)"),
+    ("extends: a.yaml\n" + SOURCE + "extends: b.yaml\n", 3, "extends: duplicate key (first at line 1)"),
+    (SOURCE + "ane:\n  seq_length: 32\n  dtype: fp16\n  seq_length: 16\n",
+     5, "ane.seq_length: duplicate key (first at line 3)"),
+    (SOURCE + "quantize: {overrides: {output: c8w, output: c4w}}\n",
+     2, "quantize.overrides.output: duplicate key (first at line 2)"),
+    (SOURCE + "ane: &shapes {seq_length: 32}\n",
+     2, "ane: YAML anchor &shapes: anchors and aliases are not allowed (write the value out)"),
+    (SOURCE + "smoke: {prompts: [*hi]}\n",
+     2, "smoke.prompts[0]: YAML alias *hi: anchors and aliases are not allowed (write the value out)"),
+    (SOURCE + "ane: {<<: {seq_length: 3}}\n", 2, "ane.<<: merge keys are not allowed (write the keys out)"),
+    (SOURCE + "quantize: {linear: !!str c8w}\n",
+     2, "quantize.linear: YAML tag !!str: tags are not allowed (write a plain value; quote a string)"),
+    (SOURCE + "device: !!python/object/apply:os.system [echo]\n",
+     2, "device: YAML tag !!python/object/apply:os.system: tags are not allowed"),
+    (SOURCE + "release: !custom {name: x}\n", 2, "release: YAML tag !custom: tags are not allowed"),
+    (SOURCE + "1: x\n", 2, "1: a key must be a string; this one reads as an integer (quote it: '1')"),
+    (SOURCE + "ane:\n  true: x\n", 3, "ane.true: a key must be a string; this one reads as true/false"),
+    (SOURCE + "quantize: {overrides: {yes: c8w}}\n",
+     2, "quantize.overrides.yes: a key must be a string; this one reads as true/false (quote it: 'yes')"),
+    (SOURCE + "null: x\n", 2, "null: a key must be a string; this one reads as null"),
+    (SOURCE + "? [a, b]\n: x\n", 2, "?: a key must be a string, not a list or mapping"),
+])
+def test_strict_yaml_is_one_line_naming_file_line_and_key(write, text, line, expected):
+    path = write("r.yaml", text)
+    assert load_err(path).startswith(f"{os.path.relpath(path)}:{line}: {expected}")
+
+
+def test_strict_yaml_takes_plain_values_and_quoted_keys(write):
+    text = SOURCE + "quantize: {overrides: {'0': c8w, \"layers.1\": c4w}}\nsmoke: {prompts: ['!!str is text', '&a *b']}\n"
+    r = recipe.load(write("r.yaml", text))
+    assert r["quantize"]["overrides"] == {"0": "c8w", "layers.1": "c4w"}
+    assert r["smoke"]["prompts"] == ["!!str is text", "&a *b"]
