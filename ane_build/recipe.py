@@ -191,12 +191,14 @@ class _StrictLoader(yaml.SafeLoader):
             raise _Refused(key.start_mark, self._key(), f"duplicate key (first at line {first.start_mark.line + 1})")
 
 
-def deep_merge(base, override):
-    """``override`` over ``base``: mappings merge key by key, anything else replaces."""
+def deep_merge(base, override, whole=schema.ONE_KIND, _prefix=""):
+    """``override`` over ``base``: mappings merge key by key, except those named in ``whole``
+    (dotted paths), which ``override`` replaces whole like anything else."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        path = _prefix + key
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in whole:
+            out[key] = deep_merge(out[key], value, whole, f"{path}.")
         else:
             out[key] = value
     return out
@@ -265,10 +267,17 @@ def _warn_source_blocks_on_ne(recipe):
 
 
 def _check_source(source, where):
-    given = [kind for kind, keys in schema.SOURCE_KINDS.items() if keys[0] in source]
+    given = [kind for kind in schema.SOURCE_KINDS if kind in source]
     if len(given) != 1:
-        raise UserError(where, "source: expected exactly one of path, package (+ file), url (+ sha256); "
-                               f"got {', '.join(given) or 'none'}")
-    for key in schema.SOURCE_KINDS[given[0]]:
+        kinds = ", ".join(kind + "".join(f" (+ {k})" for k in required[1:])
+                          for kind, (required, _) in schema.SOURCE_KINDS.items())
+        raise UserError(where, f"source: expected exactly one of {kinds}; got {', '.join(given) or 'none'}")
+    kind = given[0]
+    required, optional = schema.SOURCE_KINDS[kind]
+    for key in required:
         if key not in source:
-            raise UserError(where, f"source.{key}: required with source.{given[0]}")
+            raise UserError(where, f"source.{key}: required with source.{kind}")
+    for key in source:
+        if key not in required + optional:
+            raise UserError(where, f"source.{key}: not a key of a {kind} source (its keys: "
+                                   f"{', '.join(required + optional)})")

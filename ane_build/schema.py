@@ -90,7 +90,15 @@ SCHEMA = {
     },
 }
 
-SOURCE_KINDS = {"path": ("path",), "package": ("package", "file"), "url": ("url", "sha256")}
+# kind -> (the keys it requires, the first naming the kind; the keys it may add).
+SOURCE_KINDS = {
+    "path": (("path",), ()),
+    "package": (("package", "file"), ()),
+    "url": (("url", "sha256"), ("file",)),
+}
+# Mappings that choose one kind among several, each kind with keys of its own: a recipe's
+# replaces its base's whole, since keys of two kinds merged together make no source.
+ONE_KIND = ("source",)
 
 
 def _type_name(t):

@@ -131,6 +131,24 @@ def test_bad_overrides_are_one_line_at_load(write, overrides, expected):
     assert f"r.yaml: {expected}" in msg
 
 
+def test_a_recipes_source_replaces_its_bases_whole(write, tmp_path):
+    """A device recipe points its base's model at a local copy: the base's package and file do not merge in."""
+    write("recipes/_base/m.yaml", SOURCE + "ane: {seq_length: 32}\n")
+    write("recipes/m/ckpt/x.gguf", "")
+    r = recipe.load(write("recipes/m/dev.yaml", "extends: ../_base/m.yaml\nsource: {path: ckpt/x.gguf}\n"),
+                    tmp_path / "recipes")
+    assert r["source"] == {"path": str((tmp_path / "recipes/m/ckpt/x.gguf").resolve())}
+    assert r["ane"]["seq_length"] == 32  # every other mapping still merges key by key
+    assert recipe.deep_merge({"source": {"url": "u", "sha256": "s"}, "ane": {"a": 1}},
+                             {"source": {"path": "p"}, "ane": {"b": 2}}) == {
+        "source": {"path": "p"}, "ane": {"a": 1, "b": 2}}
+
+
+def test_source_keys_belong_to_its_kind(write):
+    msg = load_err(write("r.yaml", "source: {path: a.gguf, sha256: '" + "0" * 64 + "'}\n"))
+    assert msg.endswith("r.yaml: source.sha256: not a key of a path source (its keys: path)")
+
+
 @pytest.mark.parametrize(("text", "line", "expected"), [
     (SOURCE + "device: a\ndevice: b\n", 3, "device: duplicate key (first at line 2)"),
     ("extends: a.yaml\n" + SOURCE + "extends: b.yaml\n", 3, "extends: duplicate key (first at line 1)"),
