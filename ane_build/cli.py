@@ -22,10 +22,19 @@ def cmd_status(args):
     for path in paths:
         rec = recipe.load(path, args.recipes_dir)
         planned = pipeline.plan(rec, store.hasher)
-        for name, (key, _) in planned.items():
+        for name, (key, inputs) in planned.items():
             state = "cached" if store.is_valid(name, key) else "to build"
-            print(f"{name}:{rec['name']}  {key[:16]}  {state}")
+            print(f"{name}:{rec['name']}  {key[:16]}  {state}{_hub_commit(name, inputs, rec['source'])}")
     store.hasher.save()
+
+
+def _hub_commit(stage_name, key_inputs, source):
+    """For a Hub source's fetch, the commit its key names (and the branch or tag it was resolved from)."""
+    if stage_name != "fetch" or "hf" not in source:
+        return ""
+    commit = key_inputs["params"]["commit"]
+    moved_from = f" ({source['revision']})" if source["revision"] != commit else ""
+    return f"  {source['hf']}@{commit}{moved_from}"
 
 
 def parser():

@@ -28,7 +28,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("fetch", 1, ("source",), (), ("stages/fetch.py", "download.py")),
+    Stage("fetch", 1, ("source",), (), ("stages/fetch.py", "download.py", "hub.py")),
     Stage("convert", 1, ("convert",), ("fetch",), ("stages/convert.py", "checkpoint/", "source_blocks.py")),
     Stage("rewrite", 1, ("ane",), ("convert",),
           ("stages/rewrite.py", "model/", "checkpoint/canonical.py", "source_blocks.py")),
@@ -50,8 +50,7 @@ def key_params(stage, recipe, file_sha256):
     if stage.name == "fetch":
         from ane_build.stages import fetch
 
-        source = recipe["source"]
-        return {"content": fetch.digest(source, file_sha256), "name": fetch.source_name(source)}
+        return fetch.key_params(recipe["source"], file_sha256)
     if stage.name == "smoke":
         from ane_build import quality
 
@@ -87,10 +86,13 @@ def naming_recipe(recipe):
 def run_params(stage, recipe, planned=None):
     """What the stage's ``run`` receives: the recipe sections it reads (one section: that mapping).
 
-    release gets the whole recipe and every stage key, for its manifest.
+    release gets the whole recipe and every stage key, for its manifest. fetch of a Hub source
+    gets the commit its key was planned with: the branch it names may have moved since.
     """
     if stage.name == "release":
         return {"recipe": recipe, "stage_keys": {name: key for name, (key, _) in planned.items()}}
+    if stage.name == "fetch" and "hf" in recipe["source"]:
+        return {**recipe["source"], "revision": planned["fetch"][1]["params"]["commit"]}
     slices = {section: recipe[section] for section in stage.sections}
     return next(iter(slices.values())) if len(slices) == 1 else slices
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ane_build import schema
+from ane_build import hub, schema
 from ane_build.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -279,5 +279,18 @@ def _check_source(source, where):
             raise UserError(where, f"source.{key}: required with source.{kind}")
     for key in source:
         if key not in required + optional:
-            raise UserError(where, f"source.{key}: not a key of a {kind} source (its keys: "
+            raise UserError(where, f"source.{key}: not used with source.{kind} (whose keys are "
                                    f"{', '.join(required + optional)})")
+    if kind == "hf":
+        _check_hub_source(source, where)
+
+
+def _check_hub_source(source, where):
+    files = source.get("files")
+    if files is not None and (not files or not all(isinstance(f, str) and f for f in files)):
+        raise UserError(where, f"source.files: expected a list of glob patterns (non-empty strings); got {files!r}")
+    if not hub.is_commit(source["revision"]) and not source.get("allow_moving_revision"):
+        # A branch or tag names different files over time; a key must name the same ones forever.
+        raise UserError(where, f"source.revision: expected a commit (40 lowercase hex digits); got "
+                               f"{source['revision']!r}, which can move: pin its commit, or set "
+                               "source.allow_moving_revision: true to resolve it each time the build is planned")

@@ -36,6 +36,12 @@ SCHEMA = {
         "file": Field(str, help="with package: the file inside it; with url: the saved name"),
         "url": Field(str, pattern=r"^https://", help="an https URL; requires sha256"),
         "sha256": Field(str, pattern=r"^[0-9a-f]{64}$", help="the pinned hash of the url's content"),
+        "hf": Field(str, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+                    help="a Hugging Face Hub model repo, org/name; requires revision"),
+        "revision": Field(str, help="with hf: the 40-hex commit (a branch or tag needs allow_moving_revision)"),
+        "files": Field(list, None, nullable=True, help="with hf: glob patterns of the files to fetch; default all"),
+        "allow_moving_revision": Field(bool, None, nullable=True,
+                                       help="with hf: take a branch or tag, resolved to its commit when planning"),
     },
     "convert": {
         "format": Field(str, "auto", choices=("auto", "gguf", "hf", "meta"),
@@ -95,6 +101,7 @@ SOURCE_KINDS = {
     "path": (("path",), ()),
     "package": (("package", "file"), ()),
     "url": (("url", "sha256"), ("file",)),
+    "hf": (("hf", "revision"), ("files", "allow_moving_revision")),
 }
 # Mappings that choose one kind among several, each kind with keys of its own: a recipe's
 # replaces its base's whole, since keys of two kinds merged together make no source.

@@ -37,3 +37,12 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2")
     canonical.write(gguf.read(smollm2_gguf), folder)
     return folder
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A Hugging Face Hub stand-in on 127.0.0.1, with huggingface_hub pointed at it (tests/hub_server.py)."""
+    from tests import hub_server
+
+    with hub_server.serving(tmp_path) as server:
+        yield server

@@ -37,6 +37,29 @@ def test_status_lists_keys_without_building(write, tmp_path, capsys):
     assert not [p for p in (tmp_path / "a" / "store").iterdir() if p.is_dir()]  # only the hash memo
 
 
+def test_status_shows_the_commit_a_hub_source_fetches(hub, write, tmp_path, capsys):
+    write("repo/config.json", "{}")
+    sha = hub.push("org/tiny", tmp_path / "repo")
+    write("recipes/m/moving.yaml", "source: {hf: org/tiny, revision: main, allow_moving_revision: true}\n")
+    write("recipes/m/pinned.yaml", f"source: {{hf: org/tiny, revision: '{sha}'}}\n")
+    assert cli.main(["status", "--recipes-dir", str(tmp_path / "recipes"), "--artifacts", str(tmp_path / "a")]) == 0
+    moving, pinned = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("fetch:")]
+    assert moving[1] == pinned[1]  # one key: the commit's
+    assert moving[-2:] == [f"org/tiny@{sha}", "(main)"] and pinned[-1] == f"org/tiny@{sha}"
+
+
+def test_a_hub_error_is_one_line_and_exit_1_in_a_fresh_process(hub, write, tmp_path):
+    """The Hub as huggingface_hub finds it in a build: from HF_ENDPOINT, read when it is first imported."""
+    path = write("recipes/m/dev.yaml", "source: {hf: org/gone, revision: main, allow_moving_revision: true}\n")
+    proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "status", str(path),
+                           "--recipes-dir", str(tmp_path / "recipes"), "--artifacts", str(tmp_path / "a")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.endswith(
+        f"dev.yaml: source.hf: no model repo org/gone on {hub.url} (if it is private, set HF_TOKEN)\n")
+    assert ("GET", "/api/models/org/gone/revision/main") in hub.requests
+
+
 def test_user_error_is_one_line_and_exit_1(write, tmp_path):
     path = write("recipes/m/dev.yaml", SOURCE + "ane: {seq_length: 0}\n")
     proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "status", str(path),

@@ -146,7 +146,7 @@ def test_a_recipes_source_replaces_its_bases_whole(write, tmp_path):
 
 def test_source_keys_belong_to_its_kind(write):
     msg = load_err(write("r.yaml", "source: {path: a.gguf, sha256: '" + "0" * 64 + "'}\n"))
-    assert msg.endswith("r.yaml: source.sha256: not a key of a path source (its keys: path)")
+    assert msg.endswith("r.yaml: source.sha256: not used with source.path (whose keys are path)")
 
 
 @pytest.mark.parametrize(("text", "line", "expected"), [
@@ -183,3 +183,35 @@ def test_strict_yaml_takes_plain_values_and_quoted_keys(write):
     r = recipe.load(write("r.yaml", text))
     assert r["quantize"]["overrides"] == {"0": "c8w", "layers.1": "c4w"}
     assert r["smoke"]["prompts"] == ["!!str is text", "&a *b"]
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_hub_source_loads_as_written(write):
+    r = recipe.load(write("r.yaml", f"source: {{hf: org/name, revision: '{COMMIT}', files: ['*.json']}}\n"))
+    assert r["source"] == {"hf": "org/name", "revision": COMMIT, "files": ["*.json"]}
+
+
+def test_a_moving_revision_needs_allow_moving_revision(write):
+    msg = load_err(write("r.yaml", "source: {hf: org/name, revision: main}\n"))
+    assert msg.endswith("r.yaml: source.revision: expected a commit (40 lowercase hex digits); got 'main', which "
+                        "can move: pin its commit, or set source.allow_moving_revision: true to resolve it each time "
+                        "the build is planned")
+    r = recipe.load(write("s.yaml", "source: {hf: org/name, revision: main, allow_moving_revision: true}\n"))
+    assert r["source"] == {"hf": "org/name", "revision": "main", "allow_moving_revision": True}
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("{hf: org/name}", "source.revision: required with source.hf"),
+    (f"{{hf: name, revision: '{COMMIT}'}}", "source.hf: expected a value matching "),
+    (f"{{hf: org/name, revision: '{COMMIT}', files: []}}",
+     "source.files: expected a list of glob patterns (non-empty strings); got []"),
+    (f"{{hf: org/name, revision: '{COMMIT}', files: '*.json'}}", "source.files: expected a list; got '*.json'"),
+    (f"{{hf: org/name, revision: '{COMMIT}', file: m.gguf}}",
+     "source.file: not used with source.hf (whose keys are hf, revision, files, allow_moving_revision)"),
+    (f"{{hf: org/name, revision: '{COMMIT}', path: ckpt}}",
+     "source: expected exactly one of path, package (+ file), url (+ sha256), hf (+ revision); got path, hf"),
+])
+def test_bad_hub_sources_are_one_line(write, source, expected):
+    assert f"r.yaml: {expected}" in load_err(write("r.yaml", f"source: {source}\n"))

