@@ -80,6 +80,9 @@ SCHEMA = {
         "minimum_deployment_target": Field(str, "iOS18", choices=DEPLOYMENT_TARGETS),
         "compute_unit": Field(str, "CPU_AND_NE", choices=COMPUTE_UNITS),
         "require_full_delegation": Field(bool, True, help="fail if any op stays on the CPU"),
+        "ane_lint": Field(str, "error", choices=("error", "warn", "off"),
+                          help="lint model.pte for the Neural Engine (lint.json, lint.md): a finding outside "
+                               "the allowlist fails the stage (error) or is logged (warn); off: no lint"),
     },
     "smoke": {
         "prompts": Field(list, ["Once upon a time,"], help="prompts generated from"),
