@@ -165,12 +165,10 @@ class _StrictLoader(yaml.SafeLoader):
         return text.lstrip(".") or "(top level)"
 
     def _refuse_references_and_tags(self, event):
-        if isinstance(event, yaml.AliasEvent):
+        if event.anchor is not None:  # an alias's anchor is the name it refers to
+            which = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
             raise _Refused(event.start_mark, self._key(),
-                           f"YAML alias *{event.anchor}: anchors and aliases are not allowed (write the value out)")
-        if event.anchor is not None:
-            raise _Refused(event.start_mark, self._key(),
-                           f"YAML anchor &{event.anchor}: anchors and aliases are not allowed (write the value out)")
+                           f"YAML {which}{event.anchor}: anchors and aliases are not allowed (write the value out)")
         if event.tag is not None:
             tag = event.tag.replace(_YAML_TAG, "!!", 1)
             raise _Refused(event.start_mark, self._key(),
