@@ -5,8 +5,10 @@ produced (its saved values), so ``doit forget`` makes a task run again, and that
 run finds the store entry and returns at once instead of rebuilding it.
 """
 
-import logging
+import contextlib
+import json
 import os
+import time
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
@@ -26,7 +28,6 @@ def doit_config(artifacts_dir, default_recipe):
         "backend": "sqlite3",
         "dep_file": str(Path(artifacts_dir) / "doit.sqlite3"),
         "reporter": Reporter,
-        "verbosity": 2,
     }
 
 
@@ -69,16 +70,34 @@ def _uptodate(task, values, store, recipe_name, stage_name, key):
     return True
 
 
-def _run(store, rec, stage_name, planned, problem):
-    logs.show_progress()
+def _run(store, rec, stage_name, planned, problem, task):
+    """Build one stage; its output goes to ``artifacts/logs/<recipe>/<stage>.log`` unless doit
+    runs with ``-v 2``, which shows everything."""
+    log_path = store.root / "logs" / rec["name"] / f"{stage_name}.log"
+    quiet = task.verbosity < 2
+    if quiet:
+        output = logs.stage_output(log_path, task.name, _last_seconds(store, rec["name"], stage_name))
+    else:
+        logs.show_progress()
+        output = contextlib.nullcontext()
+    started = time.monotonic()
     try:
-        if problem:
-            raise problem
-        entry, built = pipeline.build(store, rec, stage_name, planned)
+        with output:
+            if problem:
+                raise problem
+            entry, built = pipeline.build(store, rec, stage_name, planned)
     except UserError as e:
-        return TaskFailed(str(e))
-    logging.getLogger(__name__).info("%s %s: %s", "built" if built else "cached", stage_name, entry)
-    return {"key": planned[stage_name][0]}
+        return TaskFailed(f"{e} (log: {log_path})" if quiet and log_path.stat().st_size else str(e))
+    return {"key": planned[stage_name][0], "built": built, "seconds": round(time.monotonic() - started, 1),
+            "entry": str(entry)}
+
+
+def _last_seconds(store, recipe_name, stage_name):
+    """How long the stage's last build for this recipe took (its view's entry), if it has one."""
+    try:
+        return json.loads((store.view(recipe_name, stage_name) / "manifest.json").read_text())["seconds"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _clean(store, recipe_name, stage_name, key):
@@ -90,7 +109,22 @@ def _clean(store, recipe_name, stage_name, key):
 
 
 class Reporter(ConsoleReporter):
-    """doit's console reporter, but a user's mistake is one line, not a traceback."""
+    """One line as a stage starts and one as it ends (built or found cached, with its wall time),
+    and a user's mistake as one line, not a traceback."""
+
+    def execute_task(self, task):
+        if task.actions:
+            self.write(f"start  {task.name}\n")
+
+    def add_success(self, task):
+        values = task.values
+        if task.actions and "built" in values:
+            verb = "built " if values["built"] else "cached"
+            self.write(f"{verb} {task.name}  {values['seconds']:.1f} s  {values['entry']}\n")
+
+    def skip_uptodate(self, task):
+        if task.actions:
+            self.write(f"cached {task.name}  up to date\n")
 
     def _write_failure(self, result, write_exception=True):
         fail = result["exception"]

@@ -1,11 +1,11 @@
-"""A cold `doit` of the default recipe at this checkout beside the same at an earlier commit.
+"""A cold `doit` of the default recipe at one commit beside the same at an earlier one.
 
-    python benchmarks/cold_build_vs_commit.py --base 4543d0b [--out DIR] [--repeat N]
+    python benchmarks/cold_build_vs_commit.py --base 4543d0b [--head HEAD] [--out DIR] [--repeat N]
 
-The base commit is checked out into a git worktree under --out; each side builds the default
-recipe through release from an empty artifacts folder of its own, in its own process tree,
-with its own code (``python -m doit`` run in its checkout imports that checkout's
-``ane_build`` first). With --repeat N the two alternate N times, base first, and the medians
+Both commits are checked out into git worktrees under --out (so edits in this checkout while
+it runs change nothing); each side builds the default recipe through release from an empty
+artifacts folder of its own, in its own process tree, with its own code (``python -m doit``
+run in its checkout imports that checkout's ``ane_build`` first). With --repeat N the two alternate N times, base first, and the medians
 are reported with every run. Prints wall times, the ratio and each side's per-stage seconds
 (from the store manifests).
 """
@@ -31,31 +31,36 @@ def build(checkout, artifacts, log):
     return wall, {s: json.loads((views / s / "manifest.json").read_text())["seconds"] for s in STAGES}
 
 
+def worktree(path, commit):
+    """A detached git worktree of ``commit`` at ``path`` (kept if there already)."""
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, check=True,
+                       capture_output=True)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="the commit to compare with")
+    ap.add_argument("--head", default="HEAD", help="the commit to measure (default: HEAD)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="cold-vs-commit-")))
     ap.add_argument("--repeat", type=int, default=1, help="run both this many times, alternating")
     args = ap.parse_args()
-    base = args.out / "base"
-    if not base.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                       capture_output=True)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    checkouts = {side: worktree(args.out / side, commit) for side, commit in (("base", args.base),
+                                                                                ("head", args.head))}
     runs = {"base": [], "head": []}
     for i in range(args.repeat):
-        for side, checkout in (("base", base), ("head", ROOT)):
+        for side, checkout in checkouts.items():
             runs[side].append(build(checkout, args.out / f"artifacts.{side}.{i}", args.out / f"{side}.{i}.log"))
         print(f"run {i + 1}: base {runs['base'][-1][0]:.1f} s, head {runs['head'][-1][0]:.1f} s", file=sys.stderr)
     walls = {side: statistics.median(w for w, _ in r) for side, r in runs.items()}
     median = f", median of {args.repeat}" if args.repeat > 1 else ""
     print(f"| | wall (s{median}) | " + " | ".join(STAGES) + " |")
     print("|---|---|" + "---|" * len(STAGES))
-    for side, name in (("base", args.base), ("head", f"{head} (this checkout)")):
+    for side, name in (("base", args.base), ("head", args.head)):
         stages = [statistics.median(s[stage] for _, s in runs[side]) for stage in STAGES]
         print(f"| {name} | {walls[side]:.1f} | " + " | ".join(f"{t:.1f}" for t in stages) + " |")
-    print(f"\nratio (this checkout / {args.base}): {walls['head'] / walls['base']:.2f}x")
+    print(f"\nratio ({args.head} / {args.base}): {walls['head'] / walls['base']:.2f}x")
     print("Runs, in order (base, head): " + "; ".join(f"{a[0]:.1f}, {b[0]:.1f}"
                                                      for a, b in zip(runs["base"], runs["head"])))
 

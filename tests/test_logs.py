@@ -1,5 +1,9 @@
+import io
 import subprocess
 import sys
+import time
+
+from ane_build import logs
 
 SCRIPT = """
 import logging, os
@@ -20,3 +24,52 @@ def test_our_progress_shows_and_other_libraries_warn_once_each():
     assert done.stderr.splitlines() == ["lowering 0", "Core ML ignores output_dtype", "lowering 1", "lowering 2",
                                         "another notice"]
     assert done.stdout.strip() == "1"  # no progress bars from tqdm
+
+
+STAGE = """
+import logging, os, sys, warnings
+from pathlib import Path
+from ane_build import logs
+with logs.stage_output(Path(sys.argv[1]), "export:tiny/a"):
+    print("print from python")
+    os.write(1, b"native stdout\\n")
+    os.write(2, b"[cpuinfo_utils.cpp:71] native stderr\\n")
+    logging.getLogger("ane_build.stages.export").info("lowering")
+    logging.getLogger("ane_build.stages.export").warning("our warning")
+    for _ in range(2):
+        logging.getLogger("coremltools").warning("Core ML ignores output_dtype")
+        warnings.warn("deprecated thing", FutureWarning)
+print("after the stage")
+"""
+
+
+def test_a_stage_logs_everything_to_its_file_and_shows_only_warnings_once(tmp_path):
+    log = tmp_path / "logs" / "export.log"
+    done = subprocess.run([sys.executable, "-c", STAGE, str(log)], capture_output=True, text=True, check=True)
+    console = done.stderr.splitlines()
+    assert console[:2] == ["WARNING: our warning", "WARNING: Core ML ignores output_dtype"]
+    assert sum("deprecated thing" in line for line in console) == 1
+    assert not any("native" in line or "lowering" in line for line in console)
+    assert done.stdout == "after the stage\n"  # print() inside the stage went to the log
+    text = log.read_text()
+    for line in ("print from python", "native stdout", "native stderr", "lowering", "our warning"):
+        assert line in text
+
+
+def test_the_progress_bar_fills_towards_the_last_builds_time():
+    bar = logs.ProgressBar.__new__(logs.ProgressBar)
+    bar.title, bar.expected = "export:tiny/a", 80.0
+    assert bar.line(40.0) == "export:tiny/a  [############............]  40 s of ~80 s"
+    assert bar.line(200.0).count("#") == logs.ProgressBar.WIDTH
+    bar.expected = None
+    assert bar.line(7.4) == "export:tiny/a  7 s"
+
+
+def test_the_progress_bar_redraws_in_place_and_clears_itself(monkeypatch):
+    monkeypatch.setattr(logs.ProgressBar, "DELAY", 0.0)
+    console = io.StringIO()
+    bar = logs.ProgressBar(console, "smoke:tiny/a", 10.0)
+    time.sleep(0.2)
+    bar.stop()
+    drawn = console.getvalue()
+    assert drawn.startswith("\r\033[Ksmoke:tiny/a  [") and drawn.endswith("\r\033[K")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ane_build import schema
+from ane_build import pipeline, schema
 from tests.tiny_llama import tiny_params, tiny_weights, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +43,12 @@ def doit(project, *args, check=True):
 
 
 def executed(proc):
-    """Task names doit ran (".  name"), as opposed to found up to date ("-- name")."""
-    return re.findall(r"^\.  (\S+)", proc.stdout, re.M)
+    """Task names doit ran ("start name"), as opposed to found up to date ("cached name  up to date")."""
+    return re.findall(r"^start  (\S+)$", proc.stdout, re.M)
 
 
 def built(proc, stage):
-    return len(re.findall(rf"^built {stage}:", proc.stderr + proc.stdout, re.M))
+    return len(re.findall(rf"^built  {stage}:\S+  \d+\.\d s  \S+$", proc.stdout, re.M))
 
 
 def test_second_run_executes_nothing(project):
@@ -164,3 +164,28 @@ def test_missing_source_path_fails_its_task_in_one_line(project):
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].endswith("source.path: /nonexistent/model.gguf does not exist")
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_build_prints_one_line_as_each_stage_starts_and_one_as_it_ends(project):
+    """Non-interactive, as in CI: the stages' own output goes to their logs, none to the console.
+    In fp32 and unquantized, so that the random tiny model follows its fp32 reference through smoke
+    (sampled: greedy, random weights fall into a loop)."""
+    (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "ane: {dtype: fp32}\nquantize: {linear: none}\n"
+                                                 "smoke: {temperature: 1.0}\n")
+    proc = doit(project, "release:tiny/a")
+    stages = [stage.name for stage in pipeline.STAGES]
+    expected = [f"{verb}  {stage}:tiny/a" for stage in stages for verb in ("start", "built")]
+    assert [" ".join(line.split()[:2]).replace(" ", "  ") for line in proc.stdout.splitlines()] == expected
+    assert [built(proc, stage) for stage in stages] == [1] * len(stages)
+    warnings = proc.stderr.splitlines()
+    assert all(line.startswith("WARNING: ") for line in warnings)  # one line each
+    assert len(set(warnings)) == len(warnings)  # each once
+    assert not re.search(r"\r|%\||cpuinfo|Registering override", proc.stdout + proc.stderr)  # bars, native notes
+    logs = project / "artifacts/logs/tiny/a"
+    assert sorted(p.stem for p in logs.iterdir()) == sorted(stages)
+    assert "CoreMLPartitioner" in (logs / "export.log").read_text()  # what the console was spared
+
+
+def test_verbosity_2_shows_the_stages_own_output(project):
+    proc = doit(project, "-v", "2", "convert:tiny/a")
+    assert "read GGUF" in proc.stderr and not (project / "artifacts/logs").exists()
