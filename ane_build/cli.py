@@ -1,11 +1,11 @@
-"""The ``ane-build`` command: what is not a doit task (schema, status, export, run, verify)."""
+"""The ``ane-build`` command: what is not a doit task (schema, status, export, run, verify, lint)."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from ane_build import command, logs, pipeline, recipe, schema, verify
+from ane_build import command, lint, logs, pipeline, recipe, schema, verify
 from ane_build import export as export_cli
 from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
@@ -55,6 +55,9 @@ def parser():
     run = sub.add_parser("run", help="generate text with an exported .pte (the seed run.py's flags)",
                          description=runtime_cli.__doc__)
     runtime_cli.add_arguments(run).set_defaults(func=runtime_cli.main)
+    linter = sub.add_parser("lint", help="report the ops of a .pte or .mlpackage that break Neural Engine rules",
+                            description=lint.__doc__)
+    lint.add_arguments(linter).set_defaults(func=lint.main)
     return p
 
 
