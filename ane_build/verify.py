@@ -2,7 +2,9 @@
 ``manifest.json`` lists?
 
 Every listed file must be there with its size and sha256, and a file present but not listed is a
-problem too: a bundle ships whole. A ``.tar.gz`` is unpacked into a temporary folder and checked
+problem too: a bundle ships whole. Its README.md must be the one its manifest renders
+(``bundle_readme``): a README edited, or copied from another build, would tell an app
+developer wrong numbers. A ``.tar.gz`` is unpacked into a temporary folder and checked
 the same way; an archive with a member that is not a plain file or folder, or whose path leaves
 the archive (absolute, or through ".."), is refused before anything is unpacked.
 """
@@ -16,7 +18,8 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from ane_build import command
+from ane_build import bundle_readme, command
+from ane_build.bundle_readme import README
 from ane_build.errors import UserError
 from ane_build.filehash import CHUNK, sha256_file
 
@@ -47,28 +50,45 @@ def check(bundle):
 
 
 def check_folder(folder):
-    listed, problem = read_listing(folder / MANIFEST)
+    manifest, problem = read_manifest(folder / MANIFEST)
     if problem:
         return 0, [problem]
+    listed = manifest["files"]
     problems = [p for rel, meta in sorted(listed.items()) if (p := check_file(folder, rel, meta))]
     # The bundle's own archive sits beside the files it packs (a release folder holds both).
     own_archive = folder.resolve().name + ARCHIVE_SUFFIX
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST, own_archive}
     problems += [f"{rel}: present but not listed in {MANIFEST}" for rel in sorted(present - set(listed))]
+    if not problems:
+        problems = [p for p in [check_readme(folder, manifest)] if p]
     return len(listed), problems
 
 
-def read_listing(manifest):
-    """({relative path: {"sha256", "size"}}, None), or (None, the problem with the manifest)."""
+def read_manifest(path):
+    """(the manifest, None) when it lists {relative path: {"sha256", "size"}}, else (None, the problem)."""
     try:
-        files = json.loads(manifest.read_text())["files"]
-        if all(isinstance(m["sha256"], str) and isinstance(m["size"], int) for m in files.values()):
-            return files, None
+        manifest = json.loads(path.read_text())
+        if all(isinstance(m["sha256"], str) and isinstance(m["size"], int) for m in manifest["files"].values()):
+            return manifest, None
     except FileNotFoundError:
         return None, f"{MANIFEST}: missing"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None, f"{MANIFEST}: not a bundle manifest (expected \"files\": {{path: {{sha256, size}}}})"
+
+
+def check_readme(folder, manifest):
+    """The problem with the bundle's README, or None: it must be the one its manifest renders.
+    Checked once every file matches the manifest, so it reads a file the manifest vouches for."""
+    if README not in manifest["files"]:
+        return f"{README}: not listed in {MANIFEST} (a bundle carries its README)"
+    try:
+        expected = bundle_readme.render(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"{MANIFEST}: lacks what {README} is rendered from ({type(e).__name__}: {e})"
+    if (folder / README).read_text(encoding="utf-8", errors="replace") != expected:
+        return f"{README}: not the one {MANIFEST} renders (edited, or from another build)"
+    return None
 
 
 def check_file(folder, rel, meta):

@@ -1,5 +1,6 @@
 import argparse
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -43,10 +44,28 @@ def test_a_fresh_bundle_and_its_archive_verify(fresh, capsys):
     for target in (fresh, fresh / f"{fresh.name}.tar.gz"):  # the release folder holds its archive
         assert verify.verify(target) == []
         assert run_main(target) == 0
-        assert capsys.readouterr().out == "ok: 4 files verified\n"
+        assert capsys.readouterr().out == "ok: 5 files verified\n"
+
+
+def rewrite_readme(bundle, text):
+    """A README replaced and the manifest's sha256 and size of it updated to match."""
+    (bundle / "README.md").write_text(text)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["README.md"] = verify.describe(bundle / "README.md")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def unlist_readme(bundle):
+    (bundle / "README.md").unlink()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["README.md"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 TAMPERING = {  # case -> (what is done to the bundle folder, how the one problem starts)
+    "readme edited": (lambda b: rewrite_readme(b, (b / "README.md").read_text().replace("1.000", "0.999")),
+                      "README.md: not the one manifest.json renders"),
+    "no readme": (unlist_readme, "README.md: not listed in manifest.json"),
     "changed": (lambda b: flip_a_byte(b / "model.pte"), "model.pte: sha256 "),
     "truncated": (lambda b: (b / "tokenizer.model").write_bytes(b"tok"),
                   "tokenizer.model: 3 bytes; manifest.json says "),

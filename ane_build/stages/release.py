@@ -8,6 +8,8 @@ the entry's top. It holds what a device app needs and what tells how it was made
 - the tokenizer file;
 - ``delegation.txt``: what Core ML took, and any op left on the CPU;
 - ``smoke.md``: the smoke test's generations, agreement and speeds;
+- ``README.md``: for app developers: requirements, loading, the calling convention, quality
+  (``bundle_readme``, rendered from the manifest);
 - ``manifest.json``: every other file's sha256 and size, the recipe, the stage keys, the
   toolchain versions, the device and the smoke metrics (``ane-build verify`` checks it).
 
@@ -29,7 +31,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ane_build import keys
+from ane_build import bundle_readme, keys
+from ane_build.bundle_readme import README
 from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.recipe import recorded
@@ -48,20 +51,25 @@ def run(inputs, params, out_dir):
     name = bundle_name(recipe)
     bundle = out_dir / name
     bundle.mkdir()
-    tokenizer = io.read_spec(export_dir)["tokenizer"]
-    for src in [export_dir / f for f in (*FROM_EXPORT, tokenizer)] + [smoke_dir / f for f in FROM_SMOKE]:
+    spec = io.read_spec(export_dir)
+    for src in [export_dir / f for f in (*FROM_EXPORT, spec["tokenizer"])] + [smoke_dir / f for f in FROM_SMOKE]:
         shutil.copyfile(src, bundle / src.name)
-    files = {f.name: describe(f) for f in sorted(bundle.iterdir())}
-    smoke_summary = json.loads((smoke_dir / smoke.REPORT_JSON).read_text())["summary"]
     manifest = {
         "bundle": name,
         "device": recipe["device"],
-        "files": files,
+        "files": {f.name: describe(f) for f in sorted(bundle.iterdir())},
         "recipe": recipe,
         "stage_keys": params["stage_keys"],
         "toolchain": keys.toolchain_versions(),
-        "smoke": smoke_summary,
+        "smoke": json.loads((smoke_dir / smoke.REPORT_JSON).read_text())["summary"],
+        "methods": io.methods(spec["ane"]),
+        "runner_metadata": spec["metadata"],
+        "tokenizer": spec["tokenizer"],
     }
+    # Rendered from the manifest without its own entry, which it then joins.
+    (bundle / README).write_text(bundle_readme.render(manifest))
+    manifest["files"][README] = describe(bundle / README)
+    files = manifest["files"]
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     # Packed before it joins the folder, which then holds everything a release folder shows.
     archive = write_archive(bundle, out_dir / (name + ARCHIVE_SUFFIX)).rename(bundle / (name + ARCHIVE_SUFFIX))

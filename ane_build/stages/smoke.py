@@ -162,6 +162,7 @@ def summarize(results, evaluation, runtime):
             "decode_tokens_per_second": round(rate("decode"), 1),
             "eval_top1_agreement": evaluation and evaluation.get("top1_agreement"),
             "eval_mean_kld": evaluation and evaluation.get("mean_kld"),
+            "eval_positions": evaluation and evaluation["positions"],
             "program": runtime["program"], "backend": runtime["backend"]}
 
 

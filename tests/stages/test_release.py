@@ -15,7 +15,7 @@ from tests.stages.tiny_export import (
 )
 
 NAME = "tiny-phone"  # the recipe tiny/phone
-FILES = ["delegation.txt", "manifest.json", "model.pte", "smoke.md", "tokenizer.model"]
+FILES = ["README.md", "delegation.txt", "manifest.json", "model.pte", "smoke.md", "tokenizer.model"]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,21 @@ def test_a_release_name_that_is_a_path_is_refused(inputs, tmp_path):
     with pytest.raises(UserError) as error:
         run_release(inputs, tmp_path / "out", tiny_recipe(name="../up"))
     assert str(error.value) == "release.name: expected a file name (no / or \\); got '../up'"
+
+
+def test_the_readme_tells_an_app_developer_what_the_manifest_says(built):
+    bundle = built["release"] / NAME
+    readme, manifest = (bundle / "README.md").read_text(), read_json(bundle / "manifest.json")
+    meta, smoke = manifest["runner_metadata"], manifest["smoke"]
+    assert manifest["methods"] == {"forward": meta["seq_length"]} and manifest["tokenizer"] == "tokenizer.model"
+    for said in ("iOS/iPadOS 18, macOS 15 or later", "`CPU_AND_NE` (the CPU and the Neural Engine)",
+                 f"swiftpm-{keys.toolchain_versions()['executorch']}", "`backend_coreml`", "-all_load",
+                 'Module(filePath:', 'try module.load("forward")', "The tokenizer is `tokenizer.model`",
+                 f"`forward` ({meta['seq_length']} tokens per call)", f"`cache_size` = {meta['cache_size']}",
+                 f'`dtype` = "{meta["dtype"]}"', f"`eos_ids` = {meta['eos_ids']}",
+                 f"on {smoke['eval_positions']} positions", f"top-1 agreement {smoke['eval_top1_agreement']:.3f}",
+                 f"mean KL divergence {smoke['eval_mean_kld']:.4f}"):
+        assert said in readme, said
+    for name in FILES:
+        if name not in ("README.md", "manifest.json"):
+            assert f"| `{name}` | {manifest['files'][name]['size']:,} |" in readme

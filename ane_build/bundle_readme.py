@@ -1,0 +1,103 @@
+"""The README.md of a release bundle: what an app developer needs to ship ``model.pte``.
+
+It is rendered from the bundle's ``manifest.json`` alone (every number in it is the
+manifest's), so ``ane-build verify`` can render it again and find a README that was edited
+or belongs to another build. The manifest lists the README's own sha256 too; that entry is
+left out of what the README says.
+"""
+
+import json
+
+README = "README.md"
+# The OS releases that run a Core ML model of each minimum deployment target (Core ML
+# specification 7, 8, 9).
+OS_RELEASES = {"iOS16": "iOS/iPadOS 16, macOS 13", "iOS17": "iOS/iPadOS 17, macOS 14",
+               "iOS18": "iOS/iPadOS 18, macOS 15"}
+COMPUTE_UNITS = {
+    "CPU_AND_NE": "the CPU and the Neural Engine",
+    "ALL": "the CPU, the GPU and the Neural Engine",
+    "CPU_AND_GPU": "the CPU and the GPU",
+    "CPU_ONLY": "the CPU",
+}
+
+
+def render(manifest):
+    """The README text for ``manifest`` (a bundle manifest as the release stage writes it)."""
+    recipe, meta = manifest["recipe"], manifest["runner_metadata"]
+    lines = [f"# {manifest['bundle']}", "",
+             f"{recipe.get('description') or recipe['name']} for {manifest['device'] or 'any device'}, "
+             f"built by ane-build from the recipe `{recipe['name']}`.", ""]
+    lines += _files(manifest) + _requirements(manifest) + _loading(manifest) + _calls(meta, manifest["methods"])
+    lines += _quality(manifest["smoke"])
+    return "\n".join(lines) + "\n"
+
+
+def _files(manifest):
+    files = {name: f for name, f in manifest["files"].items() if name != README}
+    rows = [f"| `{name}` | {f['size']:,} | `{f['sha256'][:16]}…` |" for name, f in sorted(files.items())]
+    return ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|", *rows, "",
+            "`manifest.json` lists each file's full sha256 and how the bundle was made; "
+            "`ane-build verify <this folder>` checks every file against it, this README included.", ""]
+
+
+def _requirements(manifest):
+    export, toolchain = manifest["recipe"]["export"], manifest["toolchain"]
+    target = export["minimum_deployment_target"]
+    return ["## Requirements", "",
+            f"- {OS_RELEASES.get(target, target)} or later (Core ML minimum deployment target {target}).",
+            f"- Core ML compute units: `{export['compute_unit']}` ({COMPUTE_UNITS[export['compute_unit']]}), "
+            "compiled into the program: the app sets nothing.",
+            f"- The ExecuTorch {toolchain['executorch']} runtime with its Core ML backend: the Swift package "
+            f"https://github.com/pytorch/executorch at branch `swiftpm-{toolchain['executorch']}`, products "
+            "`executorch` and `backend_coreml`. Link the backend into the app target with the linker flag "
+            "`-all_load` (or `-force_load` of it), so that it registers itself at startup.", ""]
+
+
+def _loading(manifest):
+    first = next(iter(manifest["methods"]))
+    return ["## Loading", "", "```swift", "import ExecuTorch", "",
+            'let module = Module(filePath: Bundle.main.path(forResource: "model", ofType: "pte")!)',
+            f'try module.load("{first}")  // compiles the Core ML model on first use: load before the user waits',
+            "```", "",
+            f"The tokenizer is `{manifest['tokenizer']}` (ExecuTorch's `pytorch-tokenizers` reads it: "
+            "`tokenizers::HFTokenizer` for a `.json`, `tokenizers::SPTokenizer` for a SentencePiece `.model`).", "",
+            "ExecuTorch's LLM runner (`ExecuTorchLLM`'s `TextRunner`, C++ `TextLLMRunner`) drives programs that "
+            "keep their KV cache inside and take `forward(tokens, input_pos)`. This program's caches belong to "
+            "the caller instead (inputs and outputs, as in ExecuTorch's static-shape Core ML llama example), so "
+            "drive it through `Module` as below; ane-build's Python runner (`ane-build run`, "
+            "`ane_build/runtime/`) is a reference implementation of this loop.", ""]
+
+
+def _calls(meta, methods):
+    cache, n_kv, hd = meta["cache_size"], meta["n_kv_heads"], meta["head_dim"]
+    caches = (f"{meta['n_layers']} key caches `[1, {n_kv}, {hd}, {cache}]`, then {meta['n_layers']} value caches "
+              f"`[1, {n_kv}, {cache}, {hd}]`" if meta["use_cache_list"] else
+              f"one key cache `[{meta['n_layers']}, 1, {n_kv}, {hd}, {cache}]`, one value cache "
+              f"`[{meta['n_layers']}, 1, {n_kv}, {cache}, {hd}]`")
+    calls = ", ".join(f"`{name}` ({n} token{'s' if n > 1 else ''} per call)" for name, n in methods.items())
+    constants = ", ".join(f"`{name}` = {json.dumps(value)}" for name, value in meta.items())
+    return ["## Calls", "",
+            f"Methods: {calls}. Each takes, in order: `tokens` `[1, S]` int64 (the call's tokens, padded with 0), "
+            "`input_pos` `[1]` int64 (the position of the first), `input_length` `[1]` int64 (how many are real), "
+            f"{caches} ({meta['dtype']}; keys are stored transposed, slot on the last axis), and `attn_mask` "
+            f"`[S, {cache} + S]` ({meta['dtype']}, additive: 0 where a token may attend, a large negative "
+            "value elsewhere; columns are the cache slots, then the call's own tokens, causally).", "",
+            "Each returns the logits of the last real token `[1, vocab]`, then the call's new keys "
+            f"`[1, {n_kv}, {hd}, S]` and values `[1, {n_kv}, S, {hd}]` per layer. The caller writes the first "
+            f"`input_length` of them into its caches at slots `position % {cache}` (a ring: past {cache} "
+            "positions the oldest is overwritten), opens those slots in the mask, and keeps counting "
+            "`input_pos` (rotary positions are absolute).", "",
+            f"Constant methods (no input, one value each): {constants}.", ""]
+
+
+def _quality(smoke):
+    eval_line = ("no evaluation text was scored" if smoke.get("eval_top1_agreement") is None else
+                 f"on {smoke['eval_positions']} positions of English prose it did not write (Python's own "
+                 "documentation), top-1 "
+                 f"agreement {smoke['eval_top1_agreement']:.3f} and mean KL divergence "
+                 f"{smoke['eval_mean_kld']:.4f}")
+    return ["## Quality", "",
+            f"Measured by the build's smoke test on `{smoke['program']}` ({smoke['backend']}) against the fp32 "
+            f"checkpoint: top-1 agreement at least {smoke['min_top1_agreement']:.3f} on the smoke prompts; "
+            f"{eval_line}. `smoke.md` shows the generations. It decoded {smoke['decode_tokens_per_second']} "
+            "tokens/s on the build host: not a measurement on a device."]
