@@ -2,7 +2,7 @@
 
 It runs the very stage code the recipes use (rewrite, quantize, export) on a checkpoint
 given as ``-p params.json -c checkpoint``, in a scratch folder, and writes the Core ML
-``.pte`` to ``-n`` (its CPU twin and delegation report beside it). Without
+``.pte`` to ``-n`` (its CPU twin, delegation report and Neural Engine lint beside it). Without
 ``--decode_method`` the program has the seed's single ``forward`` method.
 """
 
@@ -58,9 +58,9 @@ def recipe_from_flags(args):
                 "decode_method": args.decode_method},
         "quantize": {"linear": args.coreml_quantize or "none", "group_size": args.group_size,
                      "embedding": args.embedding_quantize},
-        # The seed reports what stays on the CPU but does not fail on it.
+        # The seed reports what stays on the CPU but does not fail on it; likewise the Neural Engine lint.
         "export": {"minimum_deployment_target": args.minimum_deployment_target,
-                   "compute_unit": args.compute_unit, "require_full_delegation": False},
+                   "compute_unit": args.compute_unit, "require_full_delegation": False, "ane_lint": "warn"},
     }
     try:
         return recipe.validate(data, "")
@@ -124,11 +124,12 @@ def export(args):
 
 
 def _publish(export_entry, output):
-    """model.pte -> output (temp file + rename); its twin and report beside it, named after it."""
+    """model.pte -> output (temp file + rename); its twin and reports beside it, named after it."""
     output.parent.mkdir(parents=True, exist_ok=True)
     for src, dest in ((export_entry / "model.pte", output),
                       (export_entry / "twin.pte", output.with_name(output.stem + ".twin.pte")),
-                      (export_entry / "delegation.txt", output.with_name(output.stem + ".delegation.txt"))):
+                      (export_entry / "delegation.txt", output.with_name(output.stem + ".delegation.txt")),
+                      (export_entry / "lint.md", output.with_name(output.stem + ".lint.md"))):
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)

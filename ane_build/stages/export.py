@@ -6,6 +6,9 @@
   Core ML backend's default for multi-method lowering).
 - ``delegation.json`` / ``delegation.txt``: how much of each method Core ML took, and
   every op left on the CPU.
+- ``lint.json`` / ``lint.md``: the ops of ``model.pte`` that break what the Neural Engine is
+  reported to take (``ane_build.lint``); with ``ane_lint: error`` one outside the allowlist
+  fails the stage, with ``warn`` it is logged.
 - ``twin.pte``: the same saved programs lowered for the CPU (linears on XNNPACK), for
   hosts without Core ML (ExecuTorch's Linux runtime), in a second process meanwhile (after
   Core ML, in this process, with ``ANE_BUILD_JOBS=1``).
@@ -24,17 +27,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ane_build import saved_programs, worker
+from ane_build import lint, saved_programs, worker
 from ane_build.errors import UserError
 from ane_build.lowering import lean_lowering
 from ane_build.memory import release_memory
 from ane_build.model import io
-from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS
+from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS, SCHEMA
 from ane_build.stages import quantize
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"
 TWIN_FILE = "twin.pte"
+LINT_MODES = SCHEMA["export"]["ane_lint"].choices
 
 
 def resolve(params, spec):
@@ -43,8 +47,12 @@ def resolve(params, spec):
         "minimum_deployment_target": params.get("minimum_deployment_target", "iOS18"),
         "compute_unit": params.get("compute_unit", "CPU_AND_NE"),
         "require_full_delegation": params.get("require_full_delegation", True),
+        # Recipes default to error (the schema); a call without the setting (a test, a library
+        # user) reports the lint without refusing the program.
+        "ane_lint": params.get("ane_lint", "warn"),
     }
-    for key, choices in (("minimum_deployment_target", DEPLOYMENT_TARGETS), ("compute_unit", COMPUTE_UNITS)):
+    for key, choices in (("minimum_deployment_target", DEPLOYMENT_TARGETS), ("compute_unit", COMPUTE_UNITS),
+                         ("ane_lint", LINT_MODES)):
         if settings[key] not in choices:
             raise UserError("", f"export.{key}={settings[key]!r}: expected one of {', '.join(choices)}")
     needs = _ios18_reasons(spec)
@@ -280,6 +288,7 @@ def run(inputs, params, out_dir):
         coreml_seconds = time.time() - started
         del coreml
         release_memory()
+        lint_metrics = check_lint(out_dir, settings["ane_lint"])  # while the twin lowers
         twin_bytes, twin_seconds = twin_result()
 
     io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
@@ -293,9 +302,28 @@ def run(inputs, params, out_dir):
         "delegated_share": report["delegated_share"],
         "coreml_partitions": report["coreml_partitions"],
         "cpu_ops": sum(report["cpu_ops"].values()),
+        **lint_metrics,
         "coreml_seconds": round(coreml_seconds, 2),
         "twin_seconds": round(twin_seconds, 2),
     }
+
+
+def check_lint(out_dir, mode):
+    """Lint ``model.pte`` into lint.json and lint.md; its summary for the metrics ({} when ``mode`` is off).
+
+    ``error``: a finding outside the allowlist fails the stage, in one line, once the reports are
+    written (the store then drops the entry: ``warn`` keeps it, reports and all)."""
+    if mode == "off":
+        return {}
+    report = lint.lint(Path(out_dir) / MODEL_FILE)
+    lint.write(report, out_dir)
+    if not report["clean"]:
+        message = f"{MODEL_FILE}: {lint.summary(report)}; first, {lint.first_finding(report)}"
+        if mode == "error":
+            raise UserError("export.ane_lint", f"{message}; set it to warn to build anyway (lint.md lists them)")
+        log.warning("export.ane_lint: %s; %s lists them", message, lint.MARKDOWN_FILE)
+    return {"lint_findings": report["findings"], "lint_allowlisted": report["allowlisted"],
+            "lint_by_rule": report["by_rule"]}
 
 
 def write_twin(quant_dir, path):
