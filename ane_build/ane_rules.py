@@ -16,6 +16,8 @@ model, or the op), ``fallback`` (the op runs on the CPU or GPU: a device switch 
 
 from dataclasses import dataclass
 
+from ane_build.coreml_program import Op, is_constant_op
+
 DOCUMENTED, COMMUNITY = "documented", "community"
 MAX_AXIS = 65536  # on every chip
 MAX_NON_CHANNEL_AXIS = 16384  # on M1-M3-generation Neural Engines (and their iPhone siblings)
@@ -200,15 +202,11 @@ def check(rule_id):
 
 def _computed(fn):
     """What a call computes: the function's inputs (as "input" ops), then every op not resolved at load."""
-    from ane_build.coreml_program import Op, is_constant_op
-
     yield from (Op("input", t.name, {}, (t,)) for t in fn.inputs)
     yield from (op for op in fn.ops if not is_constant_op(op))
 
 
 def _outputs(fn):
-    from ane_build.coreml_program import Op
-
     return [Op("output", name, {}, (fn.tensors[name],)) for name in fn.outputs]
 
 
@@ -333,8 +331,6 @@ for _rule_id in OFF_ANE_OPS:
 
 @check("last-axis")
 def _last_axis(fn):
-    from ane_build.coreml_program import Op
-
     for op in [Op("input", t.name, {}, (t,)) for t in fn.inputs] + _outputs(fn):
         t = op.outputs[0]
         if t.dtype in FLOAT_BYTES and t.shape and t.shape[-1] is not None:

@@ -222,9 +222,10 @@ def attention():
     return _program([(1, 2, 8, 64)] * 3, body)
 
 
-def row_30():
+def row_48():
+    """48 fp16 values: 96 bytes, a multiple of 32 but not of the 64 the Neural Engine pads to."""
     _, mb, _ = _mil()
-    return _program([(1, 30)], lambda x: mb.relu(x=x))
+    return _program([(1, 48)], lambda x: mb.relu(x=x))
 
 
 def row_32_fp32():
@@ -270,5 +271,5 @@ def palette_4bit():
 PROGRAMS = {build.__name__: build for build in (
     rank5, rank4, fp32_softmax, fp16_softmax, int_positions, const_ints, open_dim, static_dim, runtime_slice, const_slice, wide_70000,
     channels_65536, wide_16385, wide_16384, channels_20000, row_gather, const_gather, embedding, scatter,
-    slice_update, topk, reduce_max, lstm, linear, cumsum, reduce_sum, state, cache_io, sdpa, attention, row_30,
+    slice_update, topk, reduce_max, lstm, linear, cumsum, reduce_sum, state, cache_io, sdpa, attention, row_48,
     row_32_fp32, per_block_scales, per_channel_scales, palette_3bit, palette_4bit)}

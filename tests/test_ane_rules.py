@@ -24,7 +24,7 @@ CASES = {
     "cpu-op": ("cumsum", "cumsum", "cumsum", "reduce_sum"),
     "state": ("state", "input", "a state input", "cache_io"),
     "fused-attention": ("sdpa", "scaled_dot_product_attention", "scaled_dot_product_attention", "attention"),
-    "last-axis": ("row_30", "input", "last axis 30 x 2 bytes = 60 bytes in [1, 30]", "static_dim"),
+    "last-axis": ("row_48", "input", "last axis 48 x 2 bytes = 96 bytes in [1, 48]", "static_dim"),
     "blockwise-scales": ("per_block_scales", "constexpr_blockwise_shift_scale", "scales [64, 2] for weights [64, 64]",
                          "per_channel_scales"),
     "palette-bits": ("palette_3bit", "constexpr_lut_to_dense", "a palette of 8 entries", "palette_4bit"),
