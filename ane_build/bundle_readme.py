@@ -37,7 +37,8 @@ def _files(manifest):
     rows = [f"| `{name}` | {f['size']:,} | `{f['sha256'][:16]}…` |" for name, f in sorted(files.items())]
     return ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|", *rows, "",
             "`manifest.json` lists each file's full sha256 and how the bundle was made; "
-            "`ane-build verify <this folder>` checks every file against it, this README included.", ""]
+            "`ane-build verify <this folder>` checks every file against it, this README included. "
+            f"Reproducible: {manifest['reproducible']}.", ""]
 
 
 def _requirements(manifest):
@@ -99,5 +100,4 @@ def _quality(smoke):
     return ["## Quality", "",
             f"Measured by the build's smoke test on `{smoke['program']}` ({smoke['backend']}) against the fp32 "
             f"checkpoint: top-1 agreement at least {smoke['min_top1_agreement']:.3f} on the smoke prompts; "
-            f"{eval_line}. `smoke.md` shows the generations. It decoded {smoke['decode_tokens_per_second']} "
-            "tokens/s on the build host: not a measurement on a device."]
+            f"{eval_line}. `smoke.md` shows the generations.", ""]

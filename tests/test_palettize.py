@@ -91,7 +91,7 @@ def test_core_ml_takes_the_look_up_as_its_constexpr_lut_to_dense(monkeypatch):
     model = unwrap_tensor_subclass(palettize_linears(TwoLinears(torch.float16), 6, 16))
     program = torch.export.export(model, (torch.randn(2, COLUMNS, dtype=torch.float16),), strict=False)
     settings = {"minimum_deployment_target": "iOS18", "compute_unit": "CPU_AND_NE"}
-    report = export.delegation_report(export.lower_coreml({"forward": program}, settings, "fp16", {}))
+    report = export.delegation_report(export.lower_coreml({"forward": program}, settings, "fp16", {}, seed="test"))
     assert report["cpu_ops"] == {} and report["coreml_partitions"] == 1
     ops = converted[0]._mil_program.functions["main"].operations
     luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]

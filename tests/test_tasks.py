@@ -1,5 +1,6 @@
 """doit behaviour on a tiny project: caching, sharing, views, corruption, SIGKILL, one-line errors."""
 
+import json
 import os
 import re
 import signal
@@ -20,21 +21,25 @@ DEVICE_B = "extends: ../_base/tiny.yaml\ndevice: tablet\nexport: {compute_unit: 
 
 @pytest.fixture
 def project(tmp_path):
+    return make_project(tmp_path)
+
+
+def make_project(folder):
     """A recipes folder with two devices of one tiny GGUF model, and an empty artifacts folder."""
     params = tiny_params()
-    (tmp_path / "ckpt").mkdir()
-    write_gguf(params, tiny_weights(params), tmp_path / "ckpt" / "tiny.gguf")
-    (tmp_path / "recipes/_base").mkdir(parents=True)
-    (tmp_path / "recipes/tiny").mkdir()
-    (tmp_path / "recipes/_base/tiny.yaml").write_text("source: {path: ../../ckpt/tiny.gguf}\n")
-    (tmp_path / "recipes/tiny/a.yaml").write_text(DEVICE_A)
-    (tmp_path / "recipes/tiny/b.yaml").write_text(DEVICE_B)
-    return tmp_path
+    (folder / "ckpt").mkdir()
+    write_gguf(params, tiny_weights(params), folder / "ckpt" / "tiny.gguf")
+    (folder / "recipes/_base").mkdir(parents=True)
+    (folder / "recipes/tiny").mkdir()
+    (folder / "recipes/_base/tiny.yaml").write_text("source: {path: ../../ckpt/tiny.gguf}\n")
+    (folder / "recipes/tiny/a.yaml").write_text(DEVICE_A)
+    (folder / "recipes/tiny/b.yaml").write_text(DEVICE_B)
+    return folder
 
 
-def doit(project, *args, check=True):
+def doit(project, *args, check=True, artifacts="artifacts"):
     env = {**os.environ, "ANE_BUILD_RECIPES": str(project / "recipes"),
-           "ANE_BUILD_ARTIFACTS": str(project / "artifacts"), "ANE_BUILD_DEFAULT": "tiny/a"}
+           "ANE_BUILD_ARTIFACTS": str(project / artifacts), "ANE_BUILD_DEFAULT": "tiny/a"}
     proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
                           env=env, capture_output=True, text=True, cwd=project)
     if check:
@@ -166,13 +171,20 @@ def test_missing_source_path_fails_its_task_in_one_line(project):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_a_build_prints_one_line_as_each_stage_starts_and_one_as_it_ends(project):
-    """Non-interactive, as in CI: the stages' own output goes to their logs, none to the console.
-    In fp32 and unquantized, so that the random tiny model follows its fp32 reference through smoke
-    (sampled: greedy, random weights fall into a loop)."""
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """(project, doit's output) of a tiny recipe built through release. In fp32 and unquantized, so
+    that the random tiny model follows its fp32 reference through smoke (sampled: greedy, random
+    weights fall into a loop)."""
+    project = make_project(tmp_path_factory.mktemp("released"))
     (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "ane: {dtype: fp32}\nquantize: {linear: none}\n"
                                                  "smoke: {temperature: 1.0}\n")
-    proc = doit(project, "release:tiny/a")
+    return project, doit(project, "release:tiny/a")
+
+
+def test_a_build_prints_one_line_as_each_stage_starts_and_one_as_it_ends(released):
+    """Non-interactive, as in CI: the stages' own output goes to their logs, none to the console."""
+    project, proc = released
     stages = [stage.name for stage in pipeline.STAGES]
     expected = [f"{verb}  {stage}:tiny/a" for stage in stages for verb in ("start", "built")]
     assert [" ".join(line.split()[:2]).replace(" ", "  ") for line in proc.stdout.splitlines()] == expected
@@ -184,6 +196,20 @@ def test_a_build_prints_one_line_as_each_stage_starts_and_one_as_it_ends(project
     logs = project / "artifacts/logs/tiny/a"
     assert sorted(p.stem for p in logs.iterdir()) == sorted(stages)
     assert "CoreMLPartitioner" in (logs / "export.log").read_text()  # what the console was spared
+
+
+def test_the_same_recipe_built_in_another_folder_gives_the_same_bytes(released):
+    """Every file of the bundle, model.pte (Core ML) and its archive included, and the CPU twin."""
+    project, _ = released
+    doit(project, "release:tiny/a", artifacts="again")
+    first, again = (project / folder / "release/tiny/a" for folder in ("artifacts", "again"))
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in again.iterdir()) and "model.pte" in names
+    for name in names:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    twins = [project / folder / "recipes/tiny/a/export/twin.pte" for folder in ("artifacts", "again")]
+    assert twins[0].read_bytes() == twins[1].read_bytes()
+    assert "rebuilt byte for byte" in json.loads((first / "manifest.json").read_text())["reproducible"]
 
 
 def test_verbosity_2_shows_the_stages_own_output(project):

@@ -20,6 +20,7 @@ loads the programs from the quantize entry itself and runs under ``lean_lowering
 ExecuTorch's own lowering, same output, in less time and memory.
 """
 
+import hashlib
 import json
 import logging
 import operator
@@ -27,8 +28,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ane_build import lint, saved_programs, worker
+from ane_build import lint, reproducible_coreml, saved_programs, worker
 from ane_build.errors import UserError
+from ane_build.filehash import sha256_file
 from ane_build.lowering import lean_lowering
 from ane_build.memory import release_memory
 from ane_build.model import io
@@ -86,8 +88,9 @@ def load_programs(entry, spec):
     return {method: saved_programs.load(file) for method, file in files.items()}
 
 
-def lower_coreml(programs, settings, dtype, metadata):
-    """An EdgeProgramManager with every method delegated to Core ML as far as it goes."""
+def lower_coreml(programs, settings, dtype, metadata, seed):
+    """An EdgeProgramManager with every method delegated to Core ML as far as it goes; its
+    payloads are named after ``seed`` (see ``reproducible_coreml``)."""
     import coremltools as ct
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
@@ -103,9 +106,17 @@ def lower_coreml(programs, settings, dtype, metadata):
     # buffer for Core ML to take over, as in the seed.
     partitioner = CoreMLPartitioner(compile_specs=compile_specs, take_over_mutable_buffer=False,
                                     skip_ops_for_coreml_delegation=[])
-    with lean_lowering():
+    with lean_lowering(), reproducible_coreml.deterministic_payloads(seed):
         return to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata,
                                            compile_config=_edge_config())
+
+
+def payload_seed(quant_dir, spec, settings):
+    """What the Core ML payloads are named after: the programs lowered and how, so a different model
+    gets a different name (a device caches compiled models by it) and the same model the same one."""
+    programs = {method: sha256_file(Path(quant_dir) / p["file"]) for method, p in sorted(spec["programs"].items())}
+    text = json.dumps({"programs": programs, "export": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def lower_twin(programs, metadata):
@@ -277,7 +288,8 @@ def run(inputs, params, out_dir):
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin %s", ", ".join(spec["programs"]),
                  settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"],
                  "beside it" if run_twin is worker.beside else "after it")
-        coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], metadata)
+        coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], metadata,
+                              payload_seed(quant_dir, spec, settings))
         report = delegation_report(coreml)
         write_report(report, out_dir)
         if settings["require_full_delegation"] and report["cpu_ops"]:

@@ -42,6 +42,9 @@ from ane_build.verify import ARCHIVE_SUFFIX, MANIFEST, describe
 
 FROM_EXPORT = (MODEL_FILE, "delegation.txt")  # and the tokenizer, named in spec.json
 FROM_SMOKE = (smoke.REPORT_MD,)
+# What a rebuild needs to give the same bytes (tests/test_tasks.py builds a recipe twice to check it).
+REPRODUCIBLE = ("every file is rebuilt byte for byte by the same recipe and toolchain; the smoke numbers "
+                "also need the same arithmetic (smoke.arithmetic)")
 
 
 def run(inputs, params, out_dir):
@@ -61,10 +64,11 @@ def run(inputs, params, out_dir):
         "recipe": recipe,
         "stage_keys": params["stage_keys"],
         "toolchain": keys.toolchain_versions(),
-        "smoke": json.loads((smoke_dir / smoke.REPORT_JSON).read_text())["summary"],
+        "smoke": quality_summary(json.loads((smoke_dir / smoke.REPORT_JSON).read_text())),
         "methods": io.methods(spec["ane"]),
         "runner_metadata": spec["metadata"],
         "tokenizer": spec["tokenizer"],
+        "reproducible": REPRODUCIBLE,
     }
     # Rendered from the manifest without its own entry, which it then joins.
     (bundle / README).write_text(bundle_readme.render(manifest))
@@ -75,6 +79,15 @@ def run(inputs, params, out_dir):
     archive = write_archive(bundle, out_dir / (name + ARCHIVE_SUFFIX)).rename(bundle / (name + ARCHIVE_SUFFIX))
     return {"bundle": name, "files": len(files) + 1, "bytes": sum(f["size"] for f in files.values()),
             "archive_bytes": archive.stat().st_size}
+
+
+def quality_summary(report):
+    """The smoke report's summary without its speeds (the build host's, different on every build),
+    with the arithmetic its numbers depend on: a twin's fp16 program gives other numbers on a CPU
+    computing in fp16 than on one computing in fp32 (``cpu_kernels``)."""
+    summary = {k: v for k, v in report["summary"].items() if not k.endswith("_tokens_per_second")}
+    kernels = report["runtime"].get("twin_kernels")
+    return {**summary, "arithmetic": kernels["arithmetic"] if kernels else "Core ML"}
 
 
 def bundle_name(recipe):
