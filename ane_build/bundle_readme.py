@@ -28,7 +28,7 @@ def render(manifest):
              f"{recipe.get('description') or recipe['name']} for {manifest['device'] or 'any device'}, "
              f"built by ane-build from the recipe `{recipe['name']}`.", ""]
     lines += _files(manifest) + _requirements(manifest) + _loading(manifest) + _calls(meta, manifest["methods"])
-    lines += _quality(manifest["smoke"])
+    lines += _quality(manifest["smoke"]) + _speed(manifest["decode_cost"])
     return "\n".join(lines) + "\n"
 
 
@@ -101,3 +101,19 @@ def _quality(smoke):
             f"Measured by the build's smoke test on `{smoke['program']}` ({smoke['backend']}) against the fp32 "
             f"checkpoint: top-1 agreement at least {smoke['min_top1_agreement']:.3f} on the smoke prompts; "
             f"{eval_line}. `smoke.md` shows the generations.", ""]
+
+
+def _speed(decode_cost):
+    methods, bound = decode_cost["methods"], decode_cost["bound"]
+    if not methods:
+        return []
+    rows = [f"| `{name}` | {m['tokens_per_call']} | {m['bytes_per_decoded_token'] / 1e6:.1f} | "
+            f"{m['macs_per_call'] / 1e9:.2f} | {m['padding_waste']:.0%} |" for name, m in methods.items()]
+    lines = ["## Decode cost", "", "Counted from the program's shapes, decoding one token per call:", "",
+             "| method | tokens per call | MB read per token | GMACs per call | padding waste |",
+             "|---|---|---|---|---|", *rows]
+    if bound:
+        lines += ["", f"On {bound['device']} ({bound['bandwidth_gb_s']} GB/s: {bound['source']}), memory "
+                      f"bandwidth bounds decoding with `{bound['method']}` at **{bound['tokens_per_second_at_most']} "
+                      "tokens/s at most**: an upper bound, not a measurement."]
+    return lines

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from ane_build import command, lint, logs, pipeline, recipe, schema, verify
+from ane_build import command, cost, lint, logs, pipeline, recipe, schema, verify
 from ane_build import export as export_cli
 from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
@@ -24,8 +24,21 @@ def cmd_status(args):
         planned = pipeline.plan(rec, store.hasher)
         for name, (key, inputs) in planned.items():
             state = "cached" if store.is_valid(name, key) else "to build"
-            print(f"{name}:{rec['name']}  {key[:16]}  {state}{_hub_commit(name, inputs, rec['source'])}")
+            print(f"{name}:{rec['name']}  {key[:16]}  {state}{_hub_commit(name, inputs, rec['source'])}"
+                  f"{_decode_cost(name, store, key, rec['device']) if state == 'cached' else ''}")
     store.hasher.save()
+
+
+def _decode_cost(stage_name, store, key, device):
+    """For a built export, the cheapest method's bytes per decoded token, and the device's bound."""
+    methods = cost.read(store.entry(stage_name, key)) if stage_name == "export" else None
+    if not methods:
+        return ""
+    cheapest = min(methods, key=lambda m: methods[m]["bytes_per_decoded_token"])
+    text = f"  {cheapest}: {methods[cheapest]['bytes_per_decoded_token'] / 1e6:.1f} MB read per token"
+    bound = cost.decode_bound(methods, device)
+    return text + (f", at most {bound['tokens_per_second_at_most']} tokens/s on {device} (bandwidth bound)"
+                   if bound else "")
 
 
 def _hub_commit(stage_name, key_inputs, source):

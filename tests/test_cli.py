@@ -5,8 +5,9 @@ import sys
 import jsonschema
 import yaml
 
-from ane_build import cli, pipeline, recipe
+from ane_build import cli, cost, pipeline, recipe
 from ane_build.stages import quantize
+from ane_build.store import Store
 from tests.test_recipe import SOURCE
 
 
@@ -67,3 +68,18 @@ def test_user_error_is_one_line_and_exit_1(write, tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert "ane.seq_length: expected at least 1; got 0" in proc.stderr
+
+
+def test_status_shows_a_built_exports_decode_cost_and_the_devices_bound(tmp_path):
+    spec = {"params": {"dim": 8, "hidden_dim": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 32},
+            "ane": {"dtype": "fp16", "seq_length": 4, "cache_size": 12, "decode_method": True},
+            "quantize": {"weight_groups": {"linear:c8w": {"bits": 8, "params": 1000}}}}
+    store = Store(tmp_path)
+    store.entry("export", "k").mkdir(parents=True)
+    cost.write(spec, store.entry("export", "k"))
+    per_token = cost.costs(spec)["decode"]["bytes_per_decoded_token"]
+    line = cli._decode_cost("export", store, "k", "iPad Pro (M4)")
+    assert line == (f"  decode: {per_token / 1e6:.1f} MB read per token, at most {round(120e9 / per_token, 1)} "
+                    "tokens/s on iPad Pro (M4) (bandwidth bound)")
+    assert cli._decode_cost("export", store, "k", "elsewhere").endswith("MB read per token")
+    assert cli._decode_cost("smoke", store, "k", "iPad Pro (M4)") == ""

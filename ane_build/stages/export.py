@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ane_build import lint, reproducible_coreml, saved_programs, worker
+from ane_build import cost, lint, reproducible_coreml, saved_programs, worker
 from ane_build.errors import UserError
 from ane_build.filehash import sha256_file
 from ane_build.lowering import lean_lowering
@@ -305,6 +305,7 @@ def run(inputs, params, out_dir):
 
     io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
     io.write_spec({**spec, "export": settings, "metadata": metadata}, out_dir)
+    cost.write(spec, out_dir)
     ideal = spec["quantize"]["ideal_bytes"]
     return {
         "pte_bytes": pte_bytes,

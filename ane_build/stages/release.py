@@ -31,7 +31,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ane_build import bundle_readme, keys
+from ane_build import bundle_readme, cost, keys
 from ane_build.bundle_readme import README
 from ane_build.errors import UserError
 from ane_build.model import io
@@ -69,6 +69,7 @@ def run(inputs, params, out_dir):
         "runner_metadata": spec["metadata"],
         "tokenizer": spec["tokenizer"],
         "reproducible": REPRODUCIBLE,
+        "decode_cost": decode_cost(export_dir, recipe["device"]),
     }
     # Rendered from the manifest without its own entry, which it then joins.
     (bundle / README).write_text(bundle_readme.render(manifest))
@@ -88,6 +89,13 @@ def quality_summary(report):
     summary = {k: v for k, v in report["summary"].items() if not k.endswith("_tokens_per_second")}
     kernels = report["runtime"].get("twin_kernels")
     return {**summary, "arithmetic": kernels["arithmetic"] if kernels else "Core ML"}
+
+
+def decode_cost(export_dir, device):
+    """The export's cost per decoded token of each method, and what the device's memory bandwidth
+    bounds decoding at (None where the device's bandwidth is not known)."""
+    methods = cost.read(export_dir)
+    return {"methods": methods, "bound": methods and cost.decode_bound(methods, device)}
 
 
 def bundle_name(recipe):

@@ -3,7 +3,7 @@ import tarfile
 
 import pytest
 
-from ane_build import keys
+from ane_build import cost, keys
 from ane_build.errors import UserError
 from tests.stages.tiny_export import (
     CORE_ML_STAND_IN,
@@ -127,3 +127,13 @@ def test_the_readme_tells_an_app_developer_what_the_manifest_says(built):
     for name in FILES:
         if name not in ("README.md", "manifest.json"):
             assert f"| `{name}` | {manifest['files'][name]['size']:,} |" in readme
+
+
+def test_the_manifest_and_readme_carry_the_decode_cost(built):
+    bundle = built["release"] / NAME
+    manifest, readme = read_json(bundle / "manifest.json"), (bundle / "README.md").read_text()
+    methods = cost.costs(read_json(built["export"] / "spec.json"))
+    assert manifest["decode_cost"] == {"methods": methods, "bound": None}  # no bandwidth known for a Tiny Phone
+    forward = methods["forward"]
+    assert (f"| `forward` | {forward['tokens_per_call']} | {forward['bytes_per_decoded_token'] / 1e6:.1f} |"
+            in readme) and "tokens/s at most" not in readme

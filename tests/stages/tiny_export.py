@@ -12,7 +12,7 @@ would be built twice).
 import json
 import shutil
 
-from ane_build import recipe
+from ane_build import cost, recipe
 from ane_build.checkpoint import canonical
 from ane_build.model import io
 from ane_build.stages import export, quantize, release, rewrite, smoke
@@ -78,6 +78,7 @@ def export_entry(root, convert):
     export.write_report({"delegated_share": 1.0, "coreml_partitions": len(methods), "methods": methods}, out)
     shutil.copyfile(dirs["quantize"] / spec["tokenizer"], out / spec["tokenizer"])
     io.write_spec({**spec, "export": export.resolve({}, spec), "metadata": metadata}, out)
+    cost.write(spec, out)
     return out
 
 
