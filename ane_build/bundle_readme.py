@@ -84,8 +84,8 @@ def _calls(meta, methods):
             f"`[S, {cache} + S]` ({meta['dtype']}, additive: 0 where a token may attend, a large negative "
             "value elsewhere; columns are the cache slots, then the call's own tokens, causally).", "",
             "Each returns the logits of the last real token `[1, vocab]`, then the call's new keys "
-            f"`[1, {n_kv}, {hd}, S]` and values `[1, {n_kv}, S, {hd}]` per layer. The caller writes the first "
-            f"`input_length` of them into its caches at slots `position % {cache}` (a ring: past {cache} "
+            f"and values, `[1, {n_kv}, S, {hd}]` per layer. The caller writes the first `input_length` of "
+            f"them into its caches (keys transposed) at slots `position % {cache}` (a ring: past {cache} "
             "positions the oldest is overwritten), opens those slots in the mask, and keeps counting "
             "`input_pos` (rotary positions are absolute).", "",
             f"Constant methods (no input, one value each): {constants}.", ""]

@@ -21,7 +21,8 @@ Calling convention (the seed's; one call processes ``seq_length`` tokens):
   slots followed by the new tokens (see ``attention_mask``).
 
 It returns ``(logits [1, vocab], new_k, new_v)``: new_k/new_v hold only the seq_length new
-slots per layer, in the caches' layout (``KEY_SLOT_DIM``, ``VALUE_SLOT_DIM``); the caller writes the first input_length of them
+slots per layer, both [1, n_kv_heads, seq_length, head_dim] (stacked on a leading n_layers
+axis without ``use_cache_list``): a key cache takes them transposed (``as_cached_keys``); the caller writes the first input_length of them
 into its cache (``SlidingCache`` is a minimal pure-torch caller for tests).
 
 seq_length is read from the input shape, never stored, so the same weights trace a
@@ -40,7 +41,7 @@ from ane_build.model.reference import rms_norm, rope_frequencies
 # exp() of anything below -20 is already 0 in fp16. Half of fp16's minimum, not the minimum
 # itself, so that score + mask cannot overflow to -inf in fp16.
 MASK_MIN = torch.finfo(torch.float16).min / 2
-# The axis of a layer's cache (and of a call's new keys or values) that holds its slots.
+# The axis of a layer's key or value cache that holds its slots.
 KEY_SLOT_DIM, VALUE_SLOT_DIM = -1, -2
 
 
@@ -69,12 +70,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * hd, dim, bias=False)
 
     def forward(self, x, cos, sin, k_cache, v_cache, mask):
-        """x [1, S, dim] -> (out [1, S, dim], new keys [1, n_kv_heads, head_dim, S], new values
-        [1, n_kv_heads, S, head_dim])."""
+        """x [1, S, dim] -> (out [1, S, dim], new keys and values [1, n_kv_heads, S, head_dim])."""
         q = rotate(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
-        k = rotate(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).permute(0, 2, 3, 1)
+        k = rotate(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        keys = torch.cat([k_cache, k], dim=KEY_SLOT_DIM)
+        # The new keys leave in the values' layout (head_dim last: one decoded token's keys in the
+        # cache's layout would be a 1-wide last axis, which the Neural Engine pads 32-fold).
+        keys = torch.cat([k_cache, k.transpose(-1, -2)], dim=KEY_SLOT_DIM)
         values = torch.cat([v_cache, v], dim=VALUE_SLOT_DIM)
         return self.wo(self._grouped_attention(q, keys, values, mask)), k, v
 
@@ -133,14 +135,16 @@ class TransformerBlock(nn.Module):
 def rotate(x, cos, sin):
     """``reference.apply_rope`` in 8 graph nodes instead of 15 (the model runs it 2 x n_layers times).
 
-    x [B, T, H, D]; cos / sin [1, T, 1, D] from ``AneLlama._rope_rows``: each pair's cosine
+    x [1, T, H, D]; cos / sin [T, 1, D] from ``AneLlama._rope_rows``: each pair's cosine
     twice, its sine as (-sin, sin). A pair (a, b) becomes (a cos + b (-sin), b cos + a sin):
     the reference's (a cos - b sin, a sin + b cos) to the bit, as negation is exact and a
-    sum of two does not depend on its order.
+    sum of two does not depend on its order. The pairs are split out of x without its batch
+    axis: with it they would be rank 5, which the Neural Engine does not take.
     """
-    pairs = x.unflatten(-1, (-1, 2))
+    rows = x.squeeze(0)
+    pairs = rows.unflatten(-1, (-1, 2))
     swapped = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos + swapped * sin
+    return (rows * cos + swapped * sin).unsqueeze(0)
 
 
 def rope_tables(params, length):
@@ -206,7 +210,7 @@ class AneLlama(nn.Module):
         positions = positions.clamp(0, self.max_seq_length - 1)
         cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         # Shaped for ``rotate`` once here rather than in each of its calls.
-        cos, sin = (torch.stack(pair, dim=-1).flatten(-2)[None, :, None, :] for pair in ((cos, cos), (-sin, sin)))
+        cos, sin = (torch.stack(pair, dim=-1).flatten(-2)[:, None, :] for pair in ((cos, cos), (-sin, sin)))
         return cos, sin
 
 
@@ -216,6 +220,13 @@ def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):
     cache[:, :filled] = 0
     new = torch.full((seq_length, seq_length), MASK_MIN).triu(1)
     return torch.cat([cache, new], dim=1).to(dtype)
+
+
+def as_cached_keys(new_k):
+    """A call's new keys (a list per layer, or one tensor) as views in the key caches' layout."""
+    if isinstance(new_k, torch.Tensor):
+        return new_k.transpose(-1, -2)
+    return [k.transpose(-1, -2) for k in new_k]
 
 
 def empty_caches(params, cache_size, use_cache_list, dtype=torch.float32):
@@ -261,7 +272,8 @@ class SlidingCache:
         keep = min(input_length, self.cache_size)
         rows = torch.arange(input_length - keep, input_length)
         slots = (self.pos + rows) % self.cache_size
-        for caches, news, dim in ((self.k_caches, new_k, KEY_SLOT_DIM), (self.v_caches, new_v, VALUE_SLOT_DIM)):
+        pairs = ((self.k_caches, as_cached_keys(new_k), KEY_SLOT_DIM), (self.v_caches, new_v, VALUE_SLOT_DIM))
+        for caches, news, dim in pairs:
             for cache, new in zip(caches, news) if self.use_cache_list else [(caches, news)]:
                 cache.index_copy_(dim, slots, new.index_select(dim, rows))
         self.pos += input_length

@@ -26,6 +26,7 @@ from ane_build.model import io
 from ane_build.model.ane_llama import (
     KEY_SLOT_DIM,
     VALUE_SLOT_DIM,
+    as_cached_keys,
     attention_mask,
     empty_caches,
 )
@@ -87,7 +88,8 @@ class KVCache:
         row = n - keep
         slot = (self.pos + row) % self.cache_size
         head = min(keep, self.cache_size - slot)
-        for caches, news, dim in ((self.k_caches, new_k, KEY_SLOT_DIM), (self.v_caches, new_v, VALUE_SLOT_DIM)):
+        for caches, news, dim in ((self.k_caches, as_cached_keys(new_k), KEY_SLOT_DIM),
+                                  (self.v_caches, new_v, VALUE_SLOT_DIM)):
             pairs = zip(caches, news) if isinstance(caches, list) else [(caches, news)]
             for cache, rows in pairs:
                 cache.narrow(dim, slot, head).copy_(rows.narrow(dim, row, head))
