@@ -34,10 +34,12 @@ STAGES = (
           ("stages/rewrite.py", "model/", "checkpoint/canonical.py", "source_blocks.py")),
     Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/", "source_blocks.py")),
     Stage("export", 1, ("export",), ("quantize",),
-          ("stages/export.py", "model/io.py", "lint.py", "ane_rules.py", "coreml_program.py")),
+          ("stages/export.py", "model/io.py", "lint.py", "ane_rules.py", "coreml_program.py", "cost.py",
+           "reproducible_coreml.py")),
     Stage("smoke", 1, ("smoke",), ("export", "convert"),
           ("stages/smoke.py", "quality.py", "runtime/", "model/", "checkpoint/canonical.py")),
-    Stage("release", 1, ("release",), ("export", "smoke"), ("stages/release.py", "verify.py")),
+    Stage("release", 1, ("release",), ("export", "smoke"),
+          ("stages/release.py", "verify.py", "bundle_readme.py", "cost.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
