@@ -1,11 +1,23 @@
-"""The ``ane-build`` command: what is not a doit task (schema, status, export, run, verify, lint)."""
+"""The ``ane-build`` command: what is not a doit task (schema, status, export, run, verify, lint, ci, pull)."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from ane_build import command, cost, lint, logs, pipeline, recipe, schema, verify
+from ane_build import (
+    ci,
+    command,
+    config,
+    cost,
+    lint,
+    logs,
+    pipeline,
+    recipe,
+    remote,
+    schema,
+    verify,
+)
 from ane_build import export as export_cli
 from ane_build.runtime import cli as runtime_cli
 from ane_build.store import Store
@@ -16,16 +28,18 @@ def cmd_schema(args):
 
 
 def cmd_status(args):
-    """Each stage's key and whether the store already holds it, without building anything."""
+    """Each stage's key and where it is: ``local`` (the store), ``remote`` (the remote cache, if one
+    is set) or ``missing``, without building anything."""
     store = Store(args.artifacts)
+    cache = remote.configured(config.default_path())
     paths = [Path(p) for p in args.recipes] or recipe.discover(args.recipes_dir)
     for path in paths:
         rec = recipe.load(path, args.recipes_dir)
         planned = pipeline.plan(rec, store.hasher)
         for name, (key, inputs) in planned.items():
-            state = "cached" if store.is_valid(name, key) else "to build"
+            state = "local" if store.is_valid(name, key) else "remote" if cache and cache.lookup(name, key) else "missing"
             print(f"{name}:{rec['name']}  {key[:16]}  {state}{_hub_commit(name, inputs, rec['source'])}"
-                  f"{_decode_cost(name, store, key, rec['device']) if state == 'cached' else ''}")
+                  f"{_decode_cost(name, store, key, rec['device']) if state == 'local' else ''}")
     store.hasher.save()
 
 
@@ -54,7 +68,7 @@ def parser():
     p = argparse.ArgumentParser(prog="ane-build", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("schema", help="print the recipe JSON Schema").set_defaults(func=cmd_schema)
-    status = sub.add_parser("status", help="show stage keys and what is cached")
+    status = sub.add_parser("status", help="show stage keys and where each is: local, remote or missing")
     status.add_argument("recipes", nargs="*", help="recipe files (default: all)")
     status.add_argument("--recipes-dir", default="recipes")
     status.add_argument("--artifacts", default="artifacts")
@@ -71,6 +85,7 @@ def parser():
     linter = sub.add_parser("lint", help="report the ops of a .pte or .mlpackage that break Neural Engine rules",
                             description=lint.__doc__)
     lint.add_arguments(linter).set_defaults(func=lint.main)
+    ci.add_arguments(sub)
     return p
 
 

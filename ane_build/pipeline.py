@@ -114,6 +114,38 @@ def build(store, recipe, stage_name, planned):
     return entry, built
 
 
+def obtain(store, recipe, stage_name, planned, remote=None, local=True):
+    """Make one stage of ``recipe`` available, from the store, the remote cache (``remote.py``) or
+    a build (pushed then); return (entry, how): "cached", "pulled", "built", or "remote".
+
+    "remote" only when ``local`` is false, that is no one asked for this stage's files: the remote
+    cache holds the entry and nothing is downloaded (``entry`` is then its URL). A later stage
+    that builds on it pulls it then (``_inputs``), as Bazel's builds without the bytes do.
+    """
+    key = planned[stage_name][0]
+    if store.is_valid(stage_name, key):
+        entry, how = store.entry(stage_name, key), "cached"
+    elif remote and not local and remote.lookup(stage_name, key):
+        return remote.where(stage_name, key), "remote"
+    elif remote and (entry := remote.pull(store, stage_name, key)):
+        how = "pulled"
+    else:
+        _inputs(store, recipe, stage_name, planned, remote)
+        entry, built = build(store, recipe, stage_name, planned)
+        if built and remote:
+            remote.push(store, stage_name, key)
+        return entry, "built" if built else "cached"
+    link_views(store, recipe["name"], stage_name, key)
+    return entry, how
+
+
+def _inputs(store, recipe, stage_name, planned, remote):
+    """The upstream entries of a stage about to build, into the local store: one that an earlier
+    task left in the remote cache is pulled now, or built (its own inputs first) if that fails."""
+    for upstream in BY_NAME[stage_name].upstream:
+        obtain(store, recipe, upstream, planned, remote)
+
+
 def view_links(store, recipe_name, stage_name):
     """The links a built stage shows itself by: its recipe view, and for release also
     ``artifacts/release/<recipe>`` (the bundle folder inside the entry)."""

@@ -3,7 +3,8 @@
 An entry is built in a temporary folder beside its final place and renamed into
 place only when complete, under a per-key lock, so a killed or concurrent build
 never leaves a half-entry that counts as built. An entry whose files no longer
-match its manifest counts as absent and is rebuilt.
+match its manifest counts as absent and is rebuilt. An entry pulled from a remote cache
+(``adopt``) is published the same way.
 """
 
 import fcntl
@@ -69,6 +70,24 @@ class Store:
         self.hasher.save()
         return entry, True
 
+    def adopt(self, stage, key, fill):
+        """Publish an entry made elsewhere (a remote cache's) through the same atomic rename as a build.
+
+        ``fill(tmp_dir)`` writes the entry's files and its manifest.json, checks them (raising if
+        they are wrong: nothing is published) and returns {relative path: sha256}. Return
+        (entry dir, adopted?): False when a valid entry was already there and ``fill`` was not called.
+        """
+        if self.is_valid(stage, key):
+            return self.entry(stage, key), False
+        with self._lock(stage, key):
+            if self.is_valid(stage, key):
+                return self.entry(stage, key), False
+            self._discard(stage, key)
+            tmp = self._tmp(stage, key)
+            entry = self._commit(stage, key, tmp, self._filled(tmp, fill))
+        self.hasher.save()
+        return entry, True
+
     def remove(self, stage, key):
         with self._lock(stage, key):
             self._discard(stage, key)
@@ -99,14 +118,9 @@ class Store:
         self.hasher.forget(self.entry(stage, key))
 
     def _publish(self, stage, key, key_inputs, produce):
-        stage_dir = self.root / "store" / stage
-        tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=f".tmp-{key}-"))
+        tmp = self._tmp(stage, key)
         started = time.time()
-        try:
-            metrics = produce(tmp) or {}
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a SIGKILL skips this; _discard sweeps those
-            raise
+        metrics = self._filled(tmp, produce) or {}
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             files[path.relative_to(tmp).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
@@ -115,11 +129,26 @@ class Store:
             "seconds": round(time.time() - started, 3), "metrics": metrics,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        entry = self._commit(stage, key, tmp, {rel: meta["sha256"] for rel, meta in files.items()})
+        log.debug("published %s/%s in %.1fs", stage, key[:12], manifest["seconds"])
+        return entry
+
+    def _tmp(self, stage, key):
+        return Path(tempfile.mkdtemp(dir=self.root / "store" / stage, prefix=f".tmp-{key}-"))
+
+    @staticmethod
+    def _filled(tmp, fill):
+        try:
+            return fill(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a SIGKILL skips this; _discard sweeps those
+            raise
+
+    def _commit(self, stage, key, tmp, digests):
         entry = self.entry(stage, key)
         os.rename(tmp, entry)  # the commit point: before this, nothing counts as built
-        for rel, meta in files.items():
-            self.hasher.remember(entry / rel, meta["sha256"])
-        log.debug("published %s/%s in %.1fs", stage, key[:12], manifest["seconds"])
+        for rel, digest in digests.items():
+            self.hasher.remember(entry / rel, digest)
         return entry
 
     def view(self, recipe_name, stage):

@@ -3,6 +3,10 @@
 Tasks are plain dicts. doit's own database only remembers which key a task last
 produced (its saved values), so ``doit forget`` makes a task run again, and that
 run finds the store entry and returns at once instead of rebuilding it.
+
+With a remote cache (``remote.py``), a task first looks its key up there: a stage that doit was
+asked for is pulled; one that only leads to it stays in the remote, and is pulled when a later
+stage has to build on it.
 """
 
 import contextlib
@@ -14,9 +18,13 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from ane_build import logs, pipeline, recipe
+from ane_build import logs, pipeline, recipe, remote
 from ane_build.errors import UserError
 from ane_build.store import Store
+
+# The tasks doit was asked for (groups expanded), told to the Reporter as the run starts; None: unknown, all.
+_asked = None
+_left_remote = set()  # tasks up to date because the remote cache holds their entry, for the Reporter
 
 
 def doit_config(artifacts_dir, default_recipe):
@@ -31,9 +39,11 @@ def doit_config(artifacts_dir, default_recipe):
     }
 
 
-def generate(recipes_dir, artifacts_dir):
-    """Yield every task dict for every recipe under ``recipes_dir``."""
+def generate(recipes_dir, artifacts_dir, config_path=None):
+    """Yield every task dict for every recipe under ``recipes_dir``; ``config_path``: the project's
+    ane-build.toml, which may name a remote cache (as may the environment)."""
     store = Store(artifacts_dir)
+    cache = remote.configured(config_path)
     names = []
     for path in recipe.discover(recipes_dir):
         rec = recipe.load(path, recipes_dir)
@@ -43,20 +53,20 @@ def generate(recipes_dir, artifacts_dir):
         except UserError as e:  # e.g. a source not there yet: listed, and fails only when run
             planned, problem = None, e
         for stage in pipeline.STAGES:
-            yield _task(store, rec, stage, planned, problem)
+            yield _task(store, cache, rec, stage, planned, problem)
     for stage in pipeline.STAGES:
         yield {"basename": stage.name, "doc": f"{stage.name} every recipe", "actions": None,
                "task_dep": [f"{stage.name}:{name}" for name in names]}
     store.hasher.save()
 
 
-def _task(store, rec, stage, planned, problem):
+def _task(store, cache, rec, stage, planned, problem):
     key = planned[stage.name][0] if planned else None
     return {
         # Top-level tasks named <stage>:<recipe> (not doit subtasks), so `doit list` shows them.
         "basename": f"{stage.name}:{rec['name']}",
         "doc": f"{stage.name} {rec['name']}" + (f" ({rec['device']})" if rec["device"] else ""),
-        "actions": [(_run, [store, rec, stage.name, planned, problem])],
+        "actions": [(_run, [store, cache, rec, stage.name, planned, problem])],
         "uptodate": [(_uptodate, [store, rec["name"], stage.name, key])],
         "task_dep": [f"{up}:{rec['name']}" for up in stage.upstream],
         "clean": [(_clean, [store, rec["name"], stage.name, key])],
@@ -64,13 +74,34 @@ def _task(store, rec, stage, planned, problem):
 
 
 def _uptodate(task, values, store, recipe_name, stage_name, key):
-    if key is None or values.get("key") != key or not store.is_valid(stage_name, key):
+    if key is None or values.get("key") != key:
         return False
-    pipeline.link_views(store, recipe_name, stage_name, key)  # repair a deleted view; cheap
-    return True
+    if store.is_valid(stage_name, key):
+        pipeline.link_views(store, recipe_name, stage_name, key)  # repair a deleted view; cheap
+        return True
+    # Left in the remote cache by the last run and still not asked for: a stage that builds on it pulls it.
+    if values.get("remote") and not _wanted(task.name):
+        _left_remote.add(task.name)
+        return True
+    return False
 
 
-def _run(store, rec, stage_name, planned, problem, task):
+def _wanted(task_name):
+    return _asked is None or task_name in _asked
+
+
+def _ask_for(tasks, selected):
+    """Record the tasks doit was asked for: ``selected`` names, a group standing for its task_dep."""
+    global _asked
+    _asked, todo = set(), list(selected or ())
+    while todo:
+        name = todo.pop()
+        if name in tasks and name not in _asked:
+            _asked.add(name)
+            todo.extend(() if tasks[name].actions else tasks[name].task_dep)
+
+
+def _run(store, cache, rec, stage_name, planned, problem, task):
     """Build one stage; its output goes to ``artifacts/logs/<recipe>/<stage>.log`` unless doit
     runs with ``-v 2``, which shows everything."""
     log_path = store.root / "logs" / rec["name"] / f"{stage_name}.log"
@@ -85,11 +116,11 @@ def _run(store, rec, stage_name, planned, problem, task):
         with output:
             if problem:
                 raise problem
-            entry, built = pipeline.build(store, rec, stage_name, planned)
+            entry, how = pipeline.obtain(store, rec, stage_name, planned, cache, local=_wanted(task.name))
     except UserError as e:
         return TaskFailed(f"{e} (log: {log_path})" if quiet and log_path.stat().st_size else str(e))
-    return {"key": planned[stage_name][0], "built": built, "seconds": round(time.monotonic() - started, 1),
-            "entry": str(entry)}
+    return {"key": planned[stage_name][0], "built": how == "built", "how": how, "remote": how == "remote",
+            "seconds": round(time.monotonic() - started, 1), "entry": str(entry)}
 
 
 def _last_seconds(store, recipe_name, stage_name):
@@ -112,6 +143,11 @@ class Reporter(ConsoleReporter):
     """One line as a stage starts and one as it ends (built or found cached, with its wall time),
     and a user's mistake as one line, not a traceback."""
 
+    VERBS = {"built": "built ", "cached": "cached", "pulled": "pulled", "remote": "remote"}
+
+    def initialize(self, tasks, selected_tasks):
+        _ask_for(tasks, selected_tasks)
+
     def execute_task(self, task):
         if task.actions:
             self.write(f"start  {task.name}\n")
@@ -119,12 +155,13 @@ class Reporter(ConsoleReporter):
     def add_success(self, task):
         values = task.values
         if task.actions and "built" in values:
-            verb = "built " if values["built"] else "cached"
+            verb = self.VERBS[values.get("how", "built" if values["built"] else "cached")]
             self.write(f"{verb} {task.name}  {values['seconds']:.1f} s  {values['entry']}\n")
 
     def skip_uptodate(self, task):
         if task.actions:
-            self.write(f"cached {task.name}  up to date\n")
+            verb = "remote" if task.name in _left_remote else "cached"
+            self.write(f"{verb} {task.name}  up to date\n")
 
     def _write_failure(self, result, write_exception=True):
         fail = result["exception"]

@@ -46,3 +46,20 @@ def hub(tmp_path):
 
     with hub_server.serving(tmp_path) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1 for the session (tests/s3_server.py)."""
+    from tests import s3_server
+
+    with s3_server.serving() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server, with boto (so s3fs, and doit or ane-build run from here) pointed at it."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
