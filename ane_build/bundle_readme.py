@@ -81,8 +81,9 @@ def _calls(meta, methods):
             f"Methods: {calls}. Each takes, in order: `tokens` `[1, S]` int64 (the call's tokens, padded with 0), "
             "`input_pos` `[1]` int64 (the position of the first), `input_length` `[1]` int64 (how many are real), "
             f"{caches} ({meta['dtype']}; keys are stored transposed, slot on the last axis), and `attn_mask` "
-            f"`[S, {cache} + S]` ({meta['dtype']}, additive: 0 where a token may attend, a large negative "
-            "value elsewhere; columns are the cache slots, then the call's own tokens, causally).", "",
+            f"`[S, {cache}]` ({meta['dtype']}, additive, over the cache slots: 0 where a slot holds a past "
+            "token, a large negative value where it is empty; the call's own tokens see one another "
+            "causally without it).", "",
             "Each returns the logits of the last real token `[1, vocab]`, then the call's new keys "
             f"and values, `[1, {n_kv}, S, {hd}]` per layer. The caller writes the first `input_length` of "
             f"them into its caches (keys transposed) at slots `position % {cache}` (a ring: past {cache} "

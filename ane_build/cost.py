@@ -11,8 +11,8 @@ Counted per call of a method taking S tokens, of which one is real when it decod
 
 - weights read: every linear (the LM head included) and norm, and the embedding rows of the
   S tokens (a gather reads only those);
-- MACs: the linears for S tokens, attention over the cache and the call's own S tokens, and
-  the LM head once (the program returns only the last real token's logits);
+- MACs: the linears for S tokens, attention over the cache and the call's own S tokens, the
+  pick of the last real row, and the LM head once (the program returns only that row's logits);
 - KV cache: every layer reads its whole cache and writes S new slots;
 - padding waste: the share of the call's per-token work spent on its S - 1 pad tokens, when a
   generation feeds it one token a call.
@@ -50,7 +50,8 @@ def method_cost(spec, seq_length):
     return {
         "tokens_per_call": seq_length,
         "weight_bytes_per_call": weights,
-        "macs_per_call": seq_length * per_token + lm_head,
+        # The last real row is picked by a one-hot matmul: S x dim.
+        "macs_per_call": seq_length * (per_token + params["dim"]) + lm_head,
         "kv_bytes_read_per_call": kv_read,
         "kv_bytes_written_per_call": kv_written,
         # One real token per call when decoding: the other S - 1 are padding.

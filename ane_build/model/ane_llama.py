@@ -17,8 +17,10 @@ Calling convention (the seed's; one call processes ``seq_length`` tokens):
   attention can keep them): the scores are then a plain matmul of the queries with the
   cache, and no call transposes a cache-sized tensor. Keys are stored rotated, so the slot
   order inside a cache does not matter;
-- ``attn_mask`` [seq_length, cache_size + seq_length]: additive, columns are the cache
-  slots followed by the new tokens (see ``attention_mask``).
+- ``attn_mask`` [seq_length, cache_size]: additive, over the cache slots (see
+  ``attention_mask``); the new tokens see one another causally, which the model adds itself
+  (``causal_mask``): an input seq_length wider would break the Neural Engine's 64-byte rows
+  in a one-token call (961 columns).
 
 It returns ``(logits [1, vocab], new_k, new_v)``: new_k/new_v hold only the seq_length new
 slots per layer, both [1, n_kv_heads, seq_length, head_dim] (stacked on a leading n_layers
@@ -186,8 +188,10 @@ class AneLlama(nn.Module):
         return model.eval().requires_grad_(False)
 
     def forward(self, tokens, input_pos, input_length, k_caches, v_caches, attn_mask):
-        cos, sin = self._rope_rows(input_pos, tokens.shape[1])
-        mask = self.layers[0].attention.grouped_mask(attn_mask)
+        seq_length = tokens.shape[1]
+        cos, sin = self._rope_rows(input_pos, seq_length)
+        full_mask = torch.cat([attn_mask, causal_mask(seq_length, attn_mask.dtype)], dim=1)
+        mask = self.layers[0].attention.grouped_mask(full_mask)
         h = self.tok_embeddings(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
@@ -195,7 +199,11 @@ class AneLlama(nn.Module):
             new_k.append(k)
             new_v.append(v)
         # Only the last real token's logits are needed: norm and LM head on one row, not seq_length.
-        last = h.index_select(1, input_length - 1).squeeze(1)
+        # The row is picked by a matmul with a one-hot row rather than gathered mid-graph, which
+        # would send the graph to the CPU and back between the last layer and the LM head: the
+        # lookup of the one-hot row depends on the inputs alone, so it runs with the embedding's.
+        one_hot = torch.eye(seq_length, dtype=h.dtype).index_select(0, input_length - 1)
+        last = one_hot @ h.squeeze(0)
         logits = self.output(self.norm(last))
         if isinstance(k_caches, torch.Tensor):
             return logits, torch.stack(new_k), torch.stack(new_v)
@@ -215,11 +223,15 @@ class AneLlama(nn.Module):
 
 
 def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):
-    """The additive mask of a call: the first ``filled`` cache slots open, causal among new tokens."""
-    cache = torch.full((seq_length, cache_size), MASK_MIN)
-    cache[:, :filled] = 0
-    new = torch.full((seq_length, seq_length), MASK_MIN).triu(1)
-    return torch.cat([cache, new], dim=1).to(dtype)
+    """The additive mask input of a call: the first ``filled`` cache slots open, the rest closed."""
+    mask = torch.full((seq_length, cache_size), MASK_MIN)
+    mask[:, :filled] = 0
+    return mask.to(dtype)
+
+
+def causal_mask(seq_length, dtype):
+    """How a call's own tokens see one another: each itself and those before it (a constant)."""
+    return torch.full((seq_length, seq_length), MASK_MIN).triu(1).to(dtype)
 
 
 def as_cached_keys(new_k):

@@ -5,7 +5,7 @@ import torch
 
 from ane_build.checkpoint import canonical
 from ane_build.model import rewrites
-from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask, rotate
+from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask, causal_mask, rotate
 from ane_build.model.reference import ReferenceLlama, apply_rope, rms_norm, rope_frequencies
 from tests import float_bounds
 from tests.tiny_llama import tiny_params, tiny_weights
@@ -169,11 +169,11 @@ def test_exports_without_data_dependent_positions(seq_length, use_cache_list):
     torch.testing.assert_close(program.module()(*inputs), model(*inputs))
 
 
-def test_attention_mask_is_finite_and_fp16_safe():
-    mask = attention_mask(4, 6, filled=2, dtype=torch.float16)
-    assert mask.shape == (4, 10) and torch.isfinite(mask).all()
-    assert (mask[:, :2] == 0).all() and (mask[:, 2:6] == MASK_MIN).all()
-    assert (mask[:, 6:] == 0).equal(torch.ones(4, 4, dtype=torch.bool).tril())
+def test_masks_are_finite_and_fp16_safe():
+    mask, causal = attention_mask(4, 6, filled=2, dtype=torch.float16), causal_mask(4, torch.float16)
+    assert mask.shape == (4, 6) and torch.isfinite(mask).all() and torch.isfinite(causal).all()
+    assert (mask[:, :2] == 0).all() and (mask[:, 2:] == MASK_MIN).all()
+    assert (causal == 0).equal(torch.ones(4, 4, dtype=torch.bool).tril()) and causal.max() == 0
 
 
 def test_positions_past_the_rope_table_are_clamped_not_out_of_bounds():

@@ -64,9 +64,7 @@ def test_masks_open_cache_columns_as_slots_fill(checkpoint):
     assert (decode.mask[:, :5] == 0).all() and (decode.mask[:, 5:CACHE] == MASK_MIN).all()
     feed(program, cache, tokens[5:])
     forward = cache.prepare("forward", [1, 2])
-    assert (forward.mask[:, :CACHE] == 0).all()  # the ring is full: every slot is open
-    causal = forward.mask[:, CACHE:] == 0
-    assert causal.equal(torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    assert forward.mask.shape == (SEQ, CACHE) and (forward.mask == 0).all()  # the ring is full: every slot open
     assert forward.tokens.tolist() == [[1, 2] + [0] * (SEQ - 2)]
     assert (forward.input_pos.item(), forward.input_length.item()) == (20, 2)
 
