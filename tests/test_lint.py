@@ -74,9 +74,6 @@ def test_rank_5_caches_are_flagged(tmp_path_factory):
     assert not report["clean"]
 
 
-@pytest.mark.xfail(strict=True, reason="the model (ane_build/model/ane_llama.py) still has rank-5 RoPE pairs, a "
-                                       "run-time gather of the last row, and decode's 1-wide key outputs and "
-                                       "(cache + 1)-wide mask")
 def test_our_tiny_model_lints_clean(tmp_path_factory):
     entries, _ = lint_builds.built(tmp_path_factory, "list")
     report = lint.lint(entries["export"] / export.MODEL_FILE)

@@ -22,7 +22,8 @@ Calling convention (the seed's; one call processes ``seq_length`` tokens):
   (``causal_mask``): an input seq_length wider would break the Neural Engine's 64-byte rows
   in a one-token call (961 columns).
 
-It returns ``(logits [1, vocab], new_k, new_v)``: new_k/new_v hold only the seq_length new
+It returns ``(logits, new_k, new_v)``: logits [1, vocab], or [1, n_chunks, vocab / n_chunks]
+when the LM head is split (``rewrites.SplitLinear``; ``flat_logits`` makes them [1, vocab]); new_k/new_v hold only the seq_length new
 slots per layer, both [1, n_kv_heads, seq_length, head_dim] (stacked on a leading n_layers
 axis without ``use_cache_list``): a key cache takes them transposed (``as_cached_keys``); the caller writes the first input_length of them
 into its cache (``SlidingCache`` is a minimal pure-torch caller for tests).
@@ -222,6 +223,11 @@ class AneLlama(nn.Module):
         return cos, sin
 
 
+def flat_logits(logits):
+    """A program's logits as [1, vocab], whether its LM head was split or not (a view)."""
+    return logits.reshape(1, -1)
+
+
 def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):
     """The additive mask input of a call: the first ``filled`` cache slots open, the rest closed."""
     mask = torch.full((seq_length, cache_size), MASK_MIN)
@@ -294,4 +300,4 @@ class SlidingCache:
         """One forward call on the token ids, recorded in the cache; returns the logits [1, vocab]."""
         logits, new_k, new_v = model(*self.inputs(tokens, seq_length))
         self.update(new_k, new_v, len(tokens))
-        return logits
+        return flat_logits(logits)

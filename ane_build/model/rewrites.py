@@ -60,15 +60,19 @@ class SafeRMSNorm(nn.Module):
 
 
 class SplitLinear(nn.Module):
-    """A bias-free Linear computed as equal chunks of out_features, concatenated.
+    """A bias-free Linear computed as equal chunks of out_features, concatenated, or with
+    ``stack`` stacked on a new axis ([..., n_chunks, out_features / n_chunks]: the same values in
+    order). The LM head's chunks are stacked: concatenated they are one axis as wide as the
+    vocabulary, past the 16384 that Neural Engines before the M4 generation take.
 
     ``chunks`` are ordinary ``nn.Linear`` (named ``<layer>.chunks.<i>.weight``) so weight
     quantizers find them like any other Linear. Chunk weights are copies, not views of one
     tensor: safetensors refuses to save tensors that share storage.
     """
 
-    def __init__(self, linear, n_chunks):
+    def __init__(self, linear, n_chunks, stack=False):
         super().__init__()
+        self.stack = stack
         size = linear.out_features // n_chunks
         self.chunks = nn.ModuleList()
         for rows in linear.weight.detach().split(size):
@@ -77,7 +81,11 @@ class SplitLinear(nn.Module):
             self.chunks.append(chunk)
 
     def forward(self, x):
-        return torch.cat([chunk(x) for chunk in self.chunks], dim=-1)
+        outputs = [chunk(x) for chunk in self.chunks]
+        return torch.stack(outputs, dim=-2) if self.stack else torch.cat(outputs, dim=-1)
+
+
+LM_HEAD = "output"
 
 
 def split_count(out_features, target_split_size, max_splits):
@@ -109,7 +117,7 @@ def apply(model, ane_params, where="recipe"):
         target = _positive_int(target, "target_split_size", where)
         max_splits = _positive_int(ane_params.get("max_splits", DEFAULT_MAX_SPLITS), "max_splits", where)
         for name, n in _split_plan(model, target, max_splits, where).items():
-            _replace(model, name, SplitLinear(model.get_submodule(name), n))
+            _replace(model, name, SplitLinear(model.get_submodule(name), n, stack=name == LM_HEAD))
     for name, norm in list(model.named_modules()):
         if isinstance(norm, RMSNorm):
             _replace(model, name, SafeRMSNorm.replacing(norm))

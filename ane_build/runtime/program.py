@@ -15,13 +15,14 @@ agree with the inputs on the rest.
 """
 
 import logging
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ane_build.checkpoint import canonical, jsonfiles, meta
 from ane_build.errors import UserError
 from ane_build.model import rewrites
-from ane_build.model.ane_llama import AneLlama
+from ane_build.model.ane_llama import AneLlama, flat_logits
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class PteProgram:
         out = self._loaded[method].execute(call.flat)
         if self.info.use_cache_list:
             n = self.info.n_layers
-            return out[0], out[1:1 + n], out[1 + n:]
-        return out[0], out[1], out[2]
+            return flat_logits(out[0]), out[1:1 + n], out[1 + n:]
+        return flat_logits(out[0]), out[1], out[2]
 
 
 def _load_program(path):
@@ -121,7 +122,7 @@ def _input_shapes(path, method_meta):
         raise UserError(str(path), f"caches of ExecuTorch dtype code {code}; expected fp16 or fp32")
     return {"seq_length": sizes[0][1], "cache_size": cache_size, "n_layers": n_layers, "n_kv_heads": n_kv_heads,
             "head_dim": head_dim, "dtype": _SCALAR_TYPES[code],
-            "vocab_size": method_meta.output_tensor_meta(0).sizes()[-1], "use_cache_list": use_cache_list}
+            "vocab_size": math.prod(method_meta.output_tensor_meta(0).sizes()[1:]), "use_cache_list": use_cache_list}
 
 
 def _constant(program, name):
@@ -155,7 +156,8 @@ class EagerProgram:
         self.methods = {"forward": info.seq_length, "decode": 1}
 
     def run(self, method, call):
-        return self.model(*call.args)
+        logits, new_k, new_v = self.model(*call.args)
+        return flat_logits(logits), new_k, new_v
 
 
 def open_eager(checkpoint, params=None, *, seq_length, max_seq_length, cache_size=None, dtype="fp32",
