@@ -27,7 +27,7 @@ def render(manifest):
     lines = [f"# {manifest['bundle']}", "",
              f"{recipe.get('description') or recipe['name']} for {manifest['device'] or 'any device'}, "
              f"built by ane-build from the recipe `{recipe['name']}`.", ""]
-    lines += _files(manifest) + _requirements(manifest) + _loading(manifest) + _calls(meta, manifest["methods"])
+    lines += _files(manifest) + _requirements(manifest) + _loading(manifest) + _calls(meta, manifest)
     lines += _quality(manifest["smoke"]) + _speed(manifest["decode_cost"])
     return "\n".join(lines) + "\n"
 
@@ -69,13 +69,14 @@ def _loading(manifest):
             "`ane_build/runtime/`) is a reference implementation of this loop.", ""]
 
 
-def _calls(meta, methods):
+def _calls(meta, manifest):
     cache, n_kv, hd = meta["cache_size"], meta["n_kv_heads"], meta["head_dim"]
     caches = (f"{meta['n_layers']} key caches `[1, {n_kv}, {hd}, {cache}]`, then {meta['n_layers']} value caches "
               f"`[1, {n_kv}, {cache}, {hd}]`" if meta["use_cache_list"] else
               f"one key cache `[{meta['n_layers']}, 1, {n_kv}, {hd}, {cache}]`, one value cache "
               f"`[{meta['n_layers']}, 1, {n_kv}, {cache}, {hd}]`")
-    calls = ", ".join(f"`{name}` ({n} token{'s' if n > 1 else ''} per call)" for name, n in methods.items())
+    calls = ", ".join(f"`{name}` ({n} token{'s' if n > 1 else ''} per call)"
+                      for name, n in manifest["methods"].items())
     constants = ", ".join(f"`{name}` = {json.dumps(value)}" for name, value in meta.items())
     return ["## Calls", "",
             f"Methods: {calls}. Each takes, in order: `tokens` `[1, S]` int64 (the call's tokens, padded with 0), "
@@ -84,7 +85,8 @@ def _calls(meta, methods):
             f"`[S, {cache}]` ({meta['dtype']}, additive, over the cache slots: 0 where a slot holds a past "
             "token, a large negative value where it is empty; the call's own tokens see one another "
             "causally without it).", "",
-            "Each returns the logits of the last real token `[1, vocab]`, then the call's new keys "
+            f"Each returns the logits of the last real token, `{manifest['logits_shape']}` (read them flat: "
+            "the vocabulary in order), then the call's new keys "
             f"and values, `[1, {n_kv}, S, {hd}]` per layer. The caller writes the first `input_length` of "
             f"them into its caches (keys transposed) at slots `position % {cache}` (a ring: past {cache} "
             "positions the oldest is overwritten), opens those slots in the mask, and keeps counting "

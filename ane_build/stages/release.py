@@ -34,7 +34,7 @@ from pathlib import Path
 from ane_build import bundle_readme, cost, keys
 from ane_build.bundle_readme import README
 from ane_build.errors import UserError
-from ane_build.model import io
+from ane_build.model import io, rewrites
 from ane_build.recipe import recorded
 from ane_build.stages import smoke
 from ane_build.stages.export import MODEL_FILE
@@ -68,6 +68,7 @@ def run(inputs, params, out_dir):
         "methods": io.methods(spec["ane"]),
         "runner_metadata": spec["metadata"],
         "tokenizer": spec["tokenizer"],
+        "logits_shape": logits_shape(spec),
         "reproducible": REPRODUCIBLE,
         "decode_cost": decode_cost(export_dir, recipe["device"]),
     }
@@ -89,6 +90,14 @@ def quality_summary(report):
     summary = {k: v for k, v in report["summary"].items() if not k.endswith("_tokens_per_second")}
     kernels = report["runtime"].get("twin_kernels")
     return {**summary, "arithmetic": kernels["arithmetic"] if kernels else "Core ML"}
+
+
+def logits_shape(spec):
+    """The shape of the programs' logits: [1, vocab], or [1, n, vocab / n] with an LM head in n chunks."""
+    vocab, ane = spec["params"]["vocab_size"], spec["ane"]
+    target = ane.get("target_split_size")
+    n = rewrites.split_count(vocab, target, ane["max_splits"]) if target else 1
+    return [1, vocab] if n == 1 else [1, n, vocab // n]
 
 
 def decode_cost(export_dir, device):

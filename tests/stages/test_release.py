@@ -5,6 +5,7 @@ import pytest
 
 from ane_build import cost, keys
 from ane_build.errors import UserError
+from ane_build.stages import release
 from tests.stages.tiny_export import (
     CORE_ML_STAND_IN,
     STAGE_KEYS,
@@ -116,10 +117,11 @@ def test_the_readme_tells_an_app_developer_what_the_manifest_says(built):
     readme, manifest = (bundle / "README.md").read_text(), read_json(bundle / "manifest.json")
     meta, smoke = manifest["runner_metadata"], manifest["smoke"]
     assert manifest["methods"] == {"forward": meta["seq_length"]} and manifest["tokenizer"] == "tokenizer.model"
+    assert manifest["logits_shape"] == [1, meta["vocab_size"]]  # the tiny LM head is not split
     for said in ("iOS/iPadOS 18, macOS 15 or later", "`CPU_AND_NE` (the CPU and the Neural Engine)",
                  f"swiftpm-{keys.toolchain_versions()['executorch']}", "`backend_coreml`", "-all_load",
                  'Module(filePath:', 'try module.load("forward")', "The tokenizer is `tokenizer.model`",
-                 f"`forward` ({meta['seq_length']} tokens per call)", f"`cache_size` = {meta['cache_size']}",
+                 f"`forward` ({meta['seq_length']} tokens per call)", f"`{manifest['logits_shape']}`", f"`cache_size` = {meta['cache_size']}",
                  f'`dtype` = "{meta["dtype"]}"', f"`eos_ids` = {meta['eos_ids']}",
                  f"on {smoke['eval_positions']} positions", f"top-1 agreement {smoke['eval_top1_agreement']:.3f}",
                  f"mean KL divergence {smoke['eval_mean_kld']:.4f}"):
@@ -137,3 +139,10 @@ def test_the_manifest_and_readme_carry_the_decode_cost(built):
     forward = methods["forward"]
     assert (f"| `forward` | {forward['tokens_per_call']} | {forward['bytes_per_decoded_token'] / 1e6:.1f} |"
             in readme) and "tokens/s at most" not in readme
+
+
+@pytest.mark.parametrize("vocab, split, shape", [(49152, 1024, [1, 8, 6144]), (320, 1024, [1, 320]),
+                                                 (320, None, [1, 320])])
+def test_the_logits_shape_follows_the_lm_heads_split(vocab, split, shape):
+    spec = {"params": {"vocab_size": vocab}, "ane": {"target_split_size": split, "max_splits": 8}}
+    assert release.logits_shape(spec) == shape
