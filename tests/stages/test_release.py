@@ -2,6 +2,7 @@ import hashlib
 import tarfile
 
 import pytest
+from executorch.runtime import Runtime
 
 from ane_build import cost, keys
 from ane_build.errors import UserError
@@ -117,7 +118,8 @@ def test_the_readme_tells_an_app_developer_what_the_manifest_says(built):
     readme, manifest = (bundle / "README.md").read_text(), read_json(bundle / "manifest.json")
     meta, smoke = manifest["runner_metadata"], manifest["smoke"]
     assert manifest["methods"] == {"forward": meta["seq_length"]} and manifest["tokenizer"] == "tokenizer.model"
-    assert manifest["logits_shape"] == [1, meta["vocab_size"]]  # the tiny LM head is not split
+    program = Runtime.get().load_program(built["export"] / "twin.pte")
+    assert manifest["logits_shape"] == list(program.metadata("forward").output_tensor_meta(0).sizes())
     for said in ("iOS/iPadOS 18, macOS 15 or later", "`CPU_AND_NE` (the CPU and the Neural Engine)",
                  f"swiftpm-{keys.toolchain_versions()['executorch']}", "`backend_coreml`", "-all_load",
                  'Module(filePath:', 'try module.load("forward")', "The tokenizer is `tokenizer.model`",
