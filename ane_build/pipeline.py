@@ -127,8 +127,8 @@ def obtain(store, recipe, stage_name, planned, remote=None, local=True):
         entry, how = store.entry(stage_name, key), "cached"
     elif remote and not local and remote.lookup(stage_name, key):
         return remote.where(stage_name, key), "remote"
-    elif remote and (entry := remote.pull(store, stage_name, key)):
-        how = "pulled"
+    elif remote and (pulled := remote.pull(store, stage_name, key)):
+        entry, how = pulled[0], "pulled" if pulled[1] else "cached"  # else a concurrent pull put it there
     else:
         _inputs(store, recipe, stage_name, planned, remote)
         entry, built = build(store, recipe, stage_name, planned)

@@ -130,13 +130,13 @@ class Remote:
         return None
 
     def pull(self, store, stage, key):
-        """Download the entry into ``store`` through its atomic publish, every file checked; its folder, or None."""
+        """Download the entry into ``store`` through its atomic publish, every file checked: (its folder,
+        whether this call put it there, not a concurrent one), or None."""
         if self.down or (stage, key) in self.distrusted:
             return None
         try:
             manifest, raw = self._manifest(stage, key)
-            entry, _ = store.adopt(stage, key, lambda tmp: self._fill(tmp, stage, key, manifest, raw))
-            return entry
+            return store.adopt(stage, key, lambda tmp: self._fill(tmp, stage, key, manifest, raw))
         except FileNotFoundError:  # no manifest: not there (a missing file is a Refused, from _fill)
             return None
         except Refused as e:

@@ -93,8 +93,8 @@ def test_push_after_build_then_a_pull_instead_of_a_build(tmp_path, url):
     assert remote_files(url) == sorted([f"{STAGE}/{key}/manifest.json"] + [
         f"{STAGE}/{key}/files/{meta['sha256']}" for meta in manifest["files"].values()])
     other = Store(tmp_path / "other")
-    entry = Remote(url).pull(other, STAGE, key)
-    assert entry == other.entry(STAGE, key) and other.is_valid(STAGE, key)
+    assert Remote(url).pull(other, STAGE, key) == (other.entry(STAGE, key), True) and other.is_valid(STAGE, key)
+    entry = other.entry(STAGE, key)
     for rel in ("a.bin", "sub/b.txt", "manifest.json"):  # the manifest byte for byte: its timings and metrics too
         assert (entry / rel).read_bytes() == (store.entry(STAGE, key) / rel).read_bytes()
     assert other.build(STAGE, key, {}, never) == (entry, False)
@@ -136,15 +136,15 @@ def test_a_rebuilt_entry_replaces_the_refused_one(tmp_path, url):
     entry, how = obtain_fake(store, remote, key)
     assert how == "built"
     remote.wait()
-    pulled = Remote(url).pull(Store(tmp_path / "third"), STAGE, key)
+    pulled, _ = Remote(url).pull(Store(tmp_path / "third"), STAGE, key)
     assert (pulled / "a.bin").read_bytes() == (entry / "a.bin").read_bytes()
 
 
 def obtain_fake(store, remote, key, run=produce):
     """pipeline.obtain's path for one stage, with a fake stage: pull, else build and push."""
-    entry = remote.pull(store, STAGE, key)
-    if entry:
-        return entry, "pulled"
+    pulled = remote.pull(store, STAGE, key)
+    if pulled:
+        return pulled[0], "pulled"
     entry, built = store.build(STAGE, key, entry_key()[1], run)
     remote.push(store, STAGE, key)
     return entry, "built" if built else "cached"
@@ -228,7 +228,25 @@ def test_kill_9_during_a_push_leaves_no_entry_and_a_later_push_completes(tmp_pat
     remote.push(store, STAGE, key)
     remote.wait()
     reader = Store(tmp_path / "r2")
-    assert Remote(url).pull(reader, STAGE, key) == reader.entry(STAGE, key) and reader.is_valid(STAGE, key)
+    assert Remote(url).pull(reader, STAGE, key) == (reader.entry(STAGE, key), True) and reader.is_valid(STAGE, key)
+
+
+def _pull_into(root, url, barrier, results):
+    barrier.wait()
+    results.put(Remote(url).pull(Store(root), STAGE, entry_key()[0])[1])
+
+
+def test_concurrent_pulls_into_one_store_download_once(tmp_path, url):
+    _, key = built_and_pushed(tmp_path, url, size=20 << 20)
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_pull_into, args=(tmp_path / "one", url, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert sorted(results.get() for _ in procs) == [False, False, True]  # the others found it published
+    assert Store(tmp_path / "one").is_valid(STAGE, key)
 
 
 def _push_own_build(root, url, seed, barrier):
@@ -250,7 +268,7 @@ def test_concurrent_pushes_of_one_key_with_different_bytes_never_mix(tmp_path, u
         p.join()
     assert [p.exitcode for p in procs] == [0, 0, 0]
     key = entry_key()[0]
-    pulled = Remote(url).pull(Store(tmp_path / "reader"), STAGE, key)
+    pulled, _ = Remote(url).pull(Store(tmp_path / "reader"), STAGE, key)
     winner = tmp_path / f"b{(pulled / 'a.bin').read_bytes()[:1].decode()}"
     assert (pulled / "a.bin").read_bytes() == (Store(winner).entry(STAGE, key) / "a.bin").read_bytes()
     blobs = [p for p in remote_files(url) if p.startswith(f"{STAGE}/{key}/files/")]
