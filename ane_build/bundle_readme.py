@@ -41,6 +41,16 @@ def _files(manifest):
             f"Reproducible: {manifest['reproducible']}.", ""]
 
 
+def _lint(found):
+    if found is None:
+        return "- The Neural Engine lint was off for this build."
+    allowed = f" ({found['allowlisted']} allowlisted findings: `lint.md`)"
+    if found["clean"]:
+        return f"- `ane-build lint` finds nothing the Neural Engine is reported not to take{allowed}."
+    rules = ", ".join(f"{rule} ({n})" for rule, n in sorted(found["by_rule"].items()))
+    return f"- `ane-build lint` finds ops the Neural Engine is reported not to take: {rules}{allowed}."
+
+
 def _requirements(manifest):
     export, toolchain = manifest["recipe"]["export"], manifest["toolchain"]
     target = export["minimum_deployment_target"]
@@ -48,6 +58,7 @@ def _requirements(manifest):
             f"- {OS_RELEASES.get(target, target)} or later (Core ML minimum deployment target {target}).",
             f"- Core ML compute units: `{export['compute_unit']}` ({COMPUTE_UNITS[export['compute_unit']]}), "
             "compiled into the program: the app sets nothing.",
+            _lint(manifest["ane_lint"]),
             f"- The ExecuTorch {toolchain['executorch']} runtime with its Core ML backend: the Swift package "
             f"https://github.com/pytorch/executorch at branch `swiftpm-{toolchain['executorch']}`, products "
             "`executorch` and `backend_coreml`. Link the backend into the app target with the linker flag "

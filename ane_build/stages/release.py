@@ -7,6 +7,7 @@ the entry's top. It holds what a device app needs and what tells how it was made
 - ``model.pte``: the Core ML program;
 - the tokenizer file;
 - ``delegation.txt``: what Core ML took, and any op left on the CPU;
+- ``lint.md``: what ``ane-build lint`` found in ``model.pte`` (unless the recipe turned it off);
 - ``smoke.md``: the smoke test's generations, agreement and speeds;
 - ``README.md``: for app developers: requirements, loading, the calling convention, quality
   (``bundle_readme``, rendered from the manifest);
@@ -31,7 +32,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ane_build import bundle_readme, cost, keys
+from ane_build import bundle_readme, cost, keys, lint
 from ane_build.bundle_readme import README
 from ane_build.errors import UserError
 from ane_build.model import io, rewrites
@@ -57,6 +58,8 @@ def run(inputs, params, out_dir):
     spec = io.read_spec(export_dir)
     for src in [export_dir / f for f in (*FROM_EXPORT, spec["tokenizer"])] + [smoke_dir / f for f in FROM_SMOKE]:
         shutil.copyfile(src, bundle / src.name)
+    if (export_dir / lint.MARKDOWN_FILE).exists():  # not with export.ane_lint: off
+        shutil.copyfile(export_dir / lint.MARKDOWN_FILE, bundle / lint.MARKDOWN_FILE)
     manifest = {
         "bundle": name,
         "device": recipe["device"],
@@ -71,6 +74,7 @@ def run(inputs, params, out_dir):
         "logits_shape": logits_shape(spec),
         "reproducible": REPRODUCIBLE,
         "decode_cost": decode_cost(export_dir, recipe["device"]),
+        "ane_lint": lint_summary(export_dir),
     }
     # Rendered from the manifest without its own entry, which it then joins.
     (bundle / README).write_text(bundle_readme.render(manifest))
@@ -90,6 +94,16 @@ def quality_summary(report):
     summary = {k: v for k, v in report["summary"].items() if not k.endswith("_tokens_per_second")}
     kernels = report["runtime"].get("twin_kernels")
     return {**summary, "arithmetic": kernels["arithmetic"] if kernels else "Core ML"}
+
+
+def lint_summary(export_dir):
+    """What the export's Neural Engine lint found, by rule, and how many findings it allowed (None:
+    not linted); lint.md in the bundle lists them."""
+    path = export_dir / lint.JSON_FILE
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return {"clean": report["clean"], "by_rule": report["by_rule"], "allowlisted": report["allowlisted"]}
 
 
 def logits_shape(spec):

@@ -1,4 +1,6 @@
 import hashlib
+import json
+import shutil
 import tarfile
 
 import pytest
@@ -148,3 +150,21 @@ def test_the_manifest_and_readme_carry_the_decode_cost(built):
 def test_the_logits_shape_follows_the_lm_heads_split(vocab, split, shape):
     spec = {"params": {"vocab_size": vocab}, "ane": {"target_split_size": split, "max_splits": 8}}
     assert release.logits_shape(spec) == shape
+
+
+def test_the_bundle_carries_the_exports_lint(inputs, tmp_path):
+    export = shutil.copytree(inputs["export"], tmp_path / "export")
+    found = {"clean": False, "by_rule": {"rank": 2}, "allowlisted": 3}
+    (export / "lint.json").write_text(json.dumps({**found, "findings": 2, "items": []}))
+    (export / "lint.md").write_text("# lint\n")
+    run_release({**inputs, "export": export}, tmp_path / "release")
+    bundle = tmp_path / "release" / NAME
+    manifest, readme = read_json(bundle / "manifest.json"), (bundle / "README.md").read_text()
+    assert manifest["ane_lint"] == found and (bundle / "lint.md").read_text() == "# lint\n"
+    assert "lint.md" in manifest["files"] and "rank (2) (3 allowlisted findings: `lint.md`)" in readme
+
+
+def test_a_build_without_the_lint_says_so(built):
+    bundle = built["release"] / NAME
+    assert read_json(bundle / "manifest.json")["ane_lint"] is None and not (bundle / "lint.md").exists()
+    assert "The Neural Engine lint was off for this build." in (bundle / "README.md").read_text()
