@@ -39,7 +39,7 @@ STAGES = (
     Stage("smoke", 1, ("smoke",), ("export", "convert"),
           ("stages/smoke.py", "quality.py", "runtime/", "model/", "checkpoint/canonical.py")),
     Stage("release", 1, ("release",), ("export", "smoke"),
-          ("stages/release.py", "verify.py", "bundle_readme.py", "cost.py")),
+          ("stages/release.py", "verify.py", "bundle_readme.py", "cost.py", "lint.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
