@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ane_build.errors import UserError
+from ane_build.errors import UserError, display_path
 
 FILE_NAME = "ane-build.toml"
 KNOWN = {"cache": ("url", "mode")}
@@ -34,10 +34,10 @@ def cache_settings(path, environ=os.environ):
     """(url or None, mode, where the URL was set) for the remote cache; one UserError for a bad file
     or value. ``path``: the config file (None: the environment alone)."""
     cache = read(path).get("cache", {}) if path else {}
-    url, url_from = cache.get("url"), f"{_display(path)}: cache.url"
+    url, url_from = cache.get("url"), f"{display_path(path)}: cache.url"
     if "ANE_BUILD_CACHE" in environ:
         url, url_from = environ["ANE_BUILD_CACHE"] or None, "ANE_BUILD_CACHE"
-    mode, mode_from = cache.get("mode", "readwrite"), f"{_display(path)}: cache.mode"
+    mode, mode_from = cache.get("mode", "readwrite"), f"{display_path(path)}: cache.mode"
     if environ.get("ANE_BUILD_CACHE_MODE"):
         mode, mode_from = environ["ANE_BUILD_CACHE_MODE"], "ANE_BUILD_CACHE_MODE"
     if mode not in MODES:
@@ -53,24 +53,17 @@ def read(path):
     except FileNotFoundError:
         return {}
     except OSError as e:
-        raise UserError(_display(path), f"cannot read: {e.strerror}") from None
+        raise UserError(display_path(path), f"cannot read: {e.strerror}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(_display(path), f"not valid TOML: {e}") from None
+        raise UserError(display_path(path), f"not valid TOML: {e}") from None
     for section, value in data.items():
         if section not in KNOWN or not isinstance(value, dict):
-            raise UserError(_display(path), f"{section}: unknown setting (expected a [{'] or ['.join(KNOWN)}] table)")
+            raise UserError(display_path(path), f"{section}: unknown setting (expected a [{'] or ['.join(KNOWN)}] table)")
         for key, setting in value.items():
             if key not in KNOWN[section]:
-                raise UserError(_display(path), f"{section}.{key}: unknown key (expected {', '.join(KNOWN[section])})")
+                raise UserError(display_path(path), f"{section}.{key}: unknown key (expected {', '.join(KNOWN[section])})")
             if not isinstance(setting, str):
-                raise UserError(_display(path), f"{section}.{key}: expected a string; got {setting!r}")
+                raise UserError(display_path(path), f"{section}.{key}: expected a string; got {setting!r}")
     return data
-
-
-def _display(path):
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)

@@ -7,13 +7,12 @@ Files under ``recipes/_base/`` are bases to extend, not recipes to build.
 
 import copy
 import logging
-import os
 from pathlib import Path
 
 import yaml
 
 from ane_build import hub, schema
-from ane_build.errors import UserError
+from ane_build.errors import UserError, display_path
 
 log = logging.getLogger(__name__)
 BASE_DIR = "_base"
@@ -32,7 +31,7 @@ def recipe_name(path, recipes_dir):
 def load(path, recipes_dir=None):
     """The validated recipe at ``path`` as a plain dict, with ``name`` and ``path`` added."""
     path = Path(path)
-    where = _display(path)
+    where = display_path(path)
     if not path.is_file():
         raise UserError(where, "recipe not found")
     merged = _merged(path, chain=())
@@ -64,29 +63,21 @@ def recorded(recipe):
     return recorded
 
 
-def _display(path):
-    """Paths in messages are relative to the working folder when they can be."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
-
-
 def _merged(path, chain):
     """The recipe at ``path`` deep-merged over its ``extends`` chain."""
     resolved = path.resolve()
     if resolved in chain:
-        cycle = " -> ".join(_display(p) for p in (*chain, resolved))
-        raise UserError(_display(path), f"extends: cycle {cycle}")
+        cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
+        raise UserError(display_path(path), f"extends: cycle {cycle}")
     data = _read_yaml(path)
     base_ref = data.get("extends")
     if base_ref is None:
         return data
     if not isinstance(base_ref, str):
-        raise UserError(_display(path), f"extends: expected a path string; got {base_ref!r}")
+        raise UserError(display_path(path), f"extends: expected a path string; got {base_ref!r}")
     base_path = path.parent / base_ref
     if not base_path.is_file():
-        raise UserError(_display(path), f"extends: base recipe {_display(base_path)} not found")
+        raise UserError(display_path(path), f"extends: base recipe {display_path(base_path)} not found")
     # A base's relative source.path is relative to the base's own folder.
     base = _merged(base_path, (*chain, resolved))
     _absolutize_source_path(base, base_path.parent)
@@ -97,23 +88,23 @@ def _read_yaml(path):
     try:
         loader = _StrictLoader(path.read_text())
     except UnicodeDecodeError as e:
-        raise UserError(_display(path), f"unreadable YAML: {e}") from None
+        raise UserError(display_path(path), f"unreadable YAML: {e}") from None
     try:
         data = loader.get_single_data()
     except _Refused as e:
-        raise UserError(f"{_display(path)}:{e.mark.line + 1}", f"{e.key}: {e.problem}") from None
+        raise UserError(f"{display_path(path)}:{e.mark.line + 1}", f"{e.key}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
-        raise UserError(f"{_display(path)}:{mark.line + 1}:{mark.column + 1}",
+        raise UserError(f"{display_path(path)}:{mark.line + 1}:{mark.column + 1}",
                         f"YAML syntax error: {e.problem}") from None
     except yaml.YAMLError as e:
-        raise UserError(_display(path), f"unreadable YAML: {e}") from None
+        raise UserError(display_path(path), f"unreadable YAML: {e}") from None
     finally:
         loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(_display(path), f"expected a mapping at the top level; got {type(data).__name__}")
+        raise UserError(display_path(path), f"expected a mapping at the top level; got {type(data).__name__}")
     return data
 
 
