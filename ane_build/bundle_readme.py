@@ -1,7 +1,8 @@
 """The README.md of a release bundle: what an app developer needs to ship ``model.pte``.
 
 It is rendered from the bundle's ``manifest.json`` alone (every number in it is the
-manifest's), so ``ane-build verify`` can render it again and find a README that was edited
+manifest's; every mapping in sorted order, as the manifest is written), so ``ane-build verify``
+can render it again and find a README that was edited
 or belongs to another build. The manifest lists the README's own sha256 too; that entry is
 left out of what the README says.
 """
@@ -66,7 +67,7 @@ def _requirements(manifest):
 
 
 def _loading(manifest):
-    first = next(iter(manifest["methods"]))
+    first = min(manifest["methods"])  # any method loads the program; the same one every time
     return ["## Loading", "", "```swift", "import ExecuTorch", "",
             'let module = Module(filePath: Bundle.main.path(forResource: "model", ofType: "pte")!)',
             f'try module.load("{first}")  // compiles the Core ML model on first use: load before the user waits',
@@ -76,7 +77,7 @@ def _loading(manifest):
             "ExecuTorch's LLM runner (`ExecuTorchLLM`'s `TextRunner`, C++ `TextLLMRunner`) drives programs that "
             "keep their KV cache inside and take `forward(tokens, input_pos)`. This program's caches belong to "
             "the caller instead (inputs and outputs, as in ExecuTorch's static-shape Core ML llama example), so "
-            "drive it through `Module` as below; ane-build's Python runner (`ane-build run`, "
+            "drive it through `Module` as the next section says; ane-build's Python runner (`ane-build run`, "
             "`ane_build/runtime/`) is a reference implementation of this loop.", ""]
 
 
@@ -87,8 +88,8 @@ def _calls(meta, manifest):
               f"one key cache `[{meta['n_layers']}, 1, {n_kv}, {hd}, {cache}]`, one value cache "
               f"`[{meta['n_layers']}, 1, {n_kv}, {cache}, {hd}]`")
     calls = ", ".join(f"`{name}` ({n} token{'s' if n > 1 else ''} per call)"
-                      for name, n in manifest["methods"].items())
-    constants = ", ".join(f"`{name}` = {json.dumps(value)}" for name, value in meta.items())
+                      for name, n in sorted(manifest["methods"].items()))
+    constants = ", ".join(f"`{name}` = {json.dumps(value)}" for name, value in sorted(meta.items()))
     return ["## Calls", "",
             f"Methods: {calls}. Each takes, in order: `tokens` `[1, S]` int64 (the call's tokens, padded with 0), "
             "`input_pos` `[1]` int64 (the position of the first), `input_length` `[1]` int64 (how many are real), "
@@ -122,7 +123,7 @@ def _speed(decode_cost):
     if not methods:
         return []
     rows = [f"| `{name}` | {m['tokens_per_call']} | {m['bytes_per_decoded_token'] / 1e6:.1f} | "
-            f"{m['macs_per_call'] / 1e9:.2f} | {m['padding_waste']:.0%} |" for name, m in methods.items()]
+            f"{m['macs_per_call'] / 1e9:.2f} | {m['padding_waste']:.0%} |" for name, m in sorted(methods.items())]
     lines = ["## Decode cost", "", "Counted from the program's shapes, decoding one token per call:", "",
              "| method | tokens per call | MB read per token | GMACs per call | padding waste |",
              "|---|---|---|---|---|", *rows]

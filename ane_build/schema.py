@@ -124,7 +124,10 @@ def _check_value(field, value):
     if field.type is float and isinstance(value, int) and not isinstance(value, bool):
         ok_type = True
     if not ok_type:
-        return f"expected {_type_name(field.type)}; got {value!r}"
+        # YAML 1.1 reads off/on/no/yes as booleans: a string field given one was meant as a word.
+        hint = " (YAML reads off, on, no and yes as true/false: quote the word)" if (
+            field.type is str and isinstance(value, bool)) else ""
+        return f"expected {_type_name(field.type)}; got {value!r}{hint}"
     if field.choices and value not in field.choices:
         note = f" ({field.note})" if field.note else ""
         return f"expected one of {', '.join(field.choices)}; got {value!r}{note}"

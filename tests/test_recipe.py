@@ -215,3 +215,9 @@ def test_a_moving_revision_needs_allow_moving_revision(write):
 ])
 def test_bad_hub_sources_are_one_line(write, source, expected):
     assert f"r.yaml: {expected}" in load_err(write("r.yaml", f"source: {source}\n"))
+
+
+def test_a_yaml_boolean_where_a_word_is_expected_says_to_quote_it(write, tmp_path):
+    msg = load_err(write("recipes/m/dev.yaml", SOURCE + "export: {ane_lint: off}\n"), tmp_path / "recipes")
+    assert msg.endswith("export.ane_lint: expected a string; got False (YAML reads off, on, no and yes as "
+                        "true/false: quote the word)")
