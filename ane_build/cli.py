@@ -48,8 +48,8 @@ def _decode_cost(stage_name, store, key, device):
     methods = cost.read(store.entry(stage_name, key)) if stage_name == "export" else None
     if not methods:
         return ""
-    cheapest = min(methods, key=lambda m: methods[m]["bytes_per_decoded_token"])
-    text = f"  {cheapest}: {methods[cheapest]['bytes_per_decoded_token'] / 1e6:.1f} MB read per token"
+    method = cost.cheapest(methods)
+    text = f"  {method}: {methods[method]['bytes_per_decoded_token'] / 1e6:.1f} MB read per token"
     bound = cost.decode_bound(methods, device)
     return text + (f", at most {bound['tokens_per_second_at_most']} tokens/s on {device} (bandwidth bound)"
                    if bound else "")

@@ -79,13 +79,18 @@ def token_macs(params, cache_size, seq_length):
     return params["n_layers"] * (linears + attention)
 
 
+def cheapest(method_costs):
+    """The method that reads the fewest bytes per decoded token: the one to decode with."""
+    return min(method_costs, key=lambda m: method_costs[m]["bytes_per_decoded_token"])
+
+
 def decode_bound(method_costs, device):
     """{"device", "bandwidth_gb_s", "source", "tokens_per_second_at_most"} for decoding one token a
     call with the cheapest method, or None when the device's bandwidth is not in the table."""
     if device not in DEVICE_BANDWIDTH:
         return None
     bandwidth, source = DEVICE_BANDWIDTH[device]
-    method = min(method_costs, key=lambda m: method_costs[m]["bytes_per_decoded_token"])
+    method = cheapest(method_costs)
     per_token = method_costs[method]["bytes_per_decoded_token"]
     return {"device": device, "method": method, "bandwidth_gb_s": bandwidth, "source": source,
             "tokens_per_second_at_most": round(bandwidth * 1e9 / per_token, 1)}

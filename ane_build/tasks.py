@@ -80,7 +80,7 @@ def _uptodate(task, values, store, recipe_name, stage_name, key):
         pipeline.link_views(store, recipe_name, stage_name, key)  # repair a deleted view; cheap
         return True
     # Left in the remote cache by the last run and still not asked for: a stage that builds on it pulls it.
-    if values.get("remote") and not _wanted(task.name):
+    if values.get("how") == "remote" and not _wanted(task.name):
         _left_remote.add(task.name)
         return True
     return False
@@ -119,8 +119,8 @@ def _run(store, cache, rec, stage_name, planned, problem, task):
             entry, how = pipeline.obtain(store, rec, stage_name, planned, cache, local=_wanted(task.name))
     except UserError as e:
         return TaskFailed(f"{e} (log: {log_path})" if quiet and log_path.stat().st_size else str(e))
-    return {"key": planned[stage_name][0], "built": how == "built", "how": how, "remote": how == "remote",
-            "seconds": round(time.monotonic() - started, 1), "entry": str(entry)}
+    return {"key": planned[stage_name][0], "how": how, "seconds": round(time.monotonic() - started, 1),
+            "entry": str(entry)}
 
 
 def _last_seconds(store, recipe_name, stage_name):
@@ -154,8 +154,8 @@ class Reporter(ConsoleReporter):
 
     def add_success(self, task):
         values = task.values
-        if task.actions and "built" in values:
-            verb = self.VERBS[values.get("how", "built" if values["built"] else "cached")]
+        if task.actions and "how" in values:
+            verb = self.VERBS[values["how"]]
             self.write(f"{verb} {task.name}  {values['seconds']:.1f} s  {values['entry']}\n")
 
     def skip_uptodate(self, task):
