@@ -24,6 +24,12 @@ def _program(shapes, body, dtypes=None):
     return mb.program(input_specs=specs, opset_version=ct.target.iOS18)(body)
 
 
+def _relu(shape):
+    """A program that is one relu over an fp16 input of ``shape``: where the shape is the point."""
+    _, mb, _ = _mil()
+    return _program([shape], lambda x: mb.relu(x=x))
+
+
 def save(name, folder, precision=None):
     """``PROGRAMS[name]`` as ``folder/<name>.mlpackage``, converted as the export stage converts (fp16, iOS18)."""
     ct, _, _ = _mil()
@@ -74,15 +80,13 @@ def const_ints():
 
 
 def static_dim():
-    _, mb, _ = _mil()
-    return _program([(1, 64)], lambda x: mb.relu(x=x))
+    return _relu((1, 64))
 
 
 def open_dim():
     from coremltools.converters.mil.mil import get_new_symbol
 
-    _, mb, _ = _mil()
-    return _program([(1, get_new_symbol())], lambda x: mb.relu(x=x))
+    return _relu((1, get_new_symbol()))
 
 
 def runtime_slice():
@@ -97,29 +101,24 @@ def const_slice():
 
 
 def wide_70000():
-    _, mb, _ = _mil()
-    return _program([(1, 70000)], lambda x: mb.relu(x=x))
+    return _relu((1, 70000))
 
 
 def channels_65536():
     """65536 on the channel axis, 32 on the last: at the limits, within them."""
-    _, mb, _ = _mil()
-    return _program([(1, 65536, 1, 32)], lambda x: mb.relu(x=x))
+    return _relu((1, 65536, 1, 32))
 
 
 def wide_16385():
-    _, mb, _ = _mil()
-    return _program([(1, 16385)], lambda x: mb.relu(x=x))
+    return _relu((1, 16385))
 
 
 def wide_16384():
-    _, mb, _ = _mil()
-    return _program([(1, 16384)], lambda x: mb.relu(x=x))
+    return _relu((1, 16384))
 
 
 def channels_20000():
-    _, mb, _ = _mil()
-    return _program([(1, 20000, 1, 32)], lambda x: mb.relu(x=x))
+    return _relu((1, 20000, 1, 32))
 
 
 def row_gather():
@@ -224,8 +223,7 @@ def attention():
 
 def row_48():
     """48 fp16 values: 96 bytes, a multiple of 32 but not of the 64 the Neural Engine pads to."""
-    _, mb, _ = _mil()
-    return _program([(1, 48)], lambda x: mb.relu(x=x))
+    return _relu((1, 48))
 
 
 def row_32_fp32():
