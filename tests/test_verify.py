@@ -62,7 +62,15 @@ def unlist_readme(bundle):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+def drop_from_manifest(bundle, key):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest[key]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 TAMPERING = {  # case -> (what is done to the bundle folder, how the one problem starts)
+    "manifest without what the readme says": (lambda b: drop_from_manifest(b, "runner_metadata"),
+                                              "manifest.json: lacks what README.md is rendered from (KeyError"),
     "readme edited": (lambda b: rewrite_readme(b, (b / "README.md").read_text().replace("1.000", "0.999")),
                       "README.md: not the one manifest.json renders"),
     "no readme": (unlist_readme, "README.md: not listed in manifest.json"),
