@@ -48,9 +48,10 @@ def lean_lowering():
     - Each pass over a lowered program runs every delegated partition on fake tensors just for
       the shapes of its outputs (a second per Core ML partition). Here those come from the
       partition's own recorded output values, when their shapes are static.
-    - XNNPACK runs its 17 passes on each partition (the twin has 121 per method), each a fresh
-      program. On a partition of linear ops alone only its linear conversion can apply (the
-      others rewrite convolutions, norms, activations, concatenations, copies...), so such a
+    - XNNPACK runs its 17 passes on each partition (the twin has 181 per method), each a fresh
+      program. On a partition of linears, batched matmuls and softmaxes alone only its linear
+      conversion can apply (the others rewrite convolutions, norms, activations, concatenations,
+      copies, the rank-4 layout, and attention only when a mask is added inside), so such a
       partition gets that one pass, as ExecuTorch's own dynamic-quantized linears do.
     A patch whose target this ExecuTorch lacks is skipped (that lowering is only slower).
     Backends not imported yet are left alone (importing Core ML's costs 130 MB).
@@ -285,13 +286,16 @@ def _functional_once(run_decompositions):
 
 
 def _linear_pass_only(init):
-    """``XNNPACKPassManager.__init__``, choosing only the linear conversion for a graph of linears alone."""
+    """``XNNPACKPassManager.__init__``, choosing only the linear conversion for a graph of linears,
+    batched matmuls and softmaxes alone."""
     from executorch.backends.xnnpack._passes import ConvertToLinearPass
     from executorch.exir.dialects._ops import ops as exir_ops
 
+    alone = {exir_ops.edge.aten.linear.default, exir_ops.edge.aten.bmm.default, exir_ops.edge.aten._softmax.default}
+
     def __init__(self, exported_program, passes=None):
         calls = [node.target for node in exported_program.graph.nodes if node.op == "call_function"]
-        if not passes and calls and all(target == exir_ops.edge.aten.linear.default for target in calls):
+        if not passes and calls and all(target in alone for target in calls):
             passes = [ConvertToLinearPass]
         init(self, exported_program, passes)
     return __init__

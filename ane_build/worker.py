@@ -1,13 +1,17 @@
 """Run one function in a second Python process while this one works (two lowerings, two cores),
 or, where memory is short, ``later`` in this one.
 
-The process is spawned, not forked: it starts clean instead of inheriting torch's thread
-pools mid-use. Its result or exception comes back through a pipe; if it dies without one
-(killed, out of memory) the caller gets an error saying so instead of waiting forever.
+The process is spawned: it starts clean instead of inheriting torch's thread pools mid-use;
+or, for a function of what this process already holds (a model in memory), forked: it starts
+as a copy, sharing that memory until written, and runs torch on one thread (GNU OpenMP's pool
+does not survive a fork). Its result or exception comes back through a pipe; if it dies
+without one (killed, out of memory) the caller gets an error saying so instead of waiting
+forever.
 """
 
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import os
 import pickle
@@ -34,18 +38,19 @@ def jobs():
     return int(value)
 
 
-def beside_or_later():
-    """``beside`` or ``later``, as ``jobs()`` says."""
-    return beside if jobs() == 2 else later
+def beside_or_later(start="spawn"):
+    """``beside`` (its processes started by ``start``) or ``later``, as ``jobs()`` says."""
+    return functools.partial(beside, start=start) if jobs() == 2 else later
 
 
 @contextlib.contextmanager
-def beside(function, *args):
-    """Start ``function(*args)`` in a second process; yields ``result()``, which waits for its
-    return value (or raises its exception). Leaving the block stops the process if still running."""
-    context = multiprocessing.get_context("spawn")
+def beside(function, *args, start="spawn"):
+    """Start ``function(*args)`` in a second process, spawned or forked (``start``); yields
+    ``result()``, which waits for its return value (or raises its exception). Leaving the block
+    stops the process if still running."""
+    context = multiprocessing.get_context(start)
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_run, args=(send, os.getpid(), function, args), daemon=True)
+    process = context.Process(target=_run, args=(send, os.getpid(), function, args, start), daemon=True)
     process.start()
     send.close()  # the child holds the only sending end: its death ends the pipe
 
@@ -75,9 +80,14 @@ def later(function, *args):
     yield lambda: function(*args)
 
 
-def _run(send, parent, function, args):
+def _run(send, parent, function, args, start):
     _die_with(parent)
-    logs.show_progress()  # a spawned process starts without its parent's logging set up
+    if start == "fork":
+        import torch
+
+        torch.set_num_threads(1)
+    else:
+        logs.show_progress()  # a spawned process starts without its parent's logging set up
     try:
         outcome = ("ok", function(*args))
     except BaseException as error:  # noqa: BLE001 - every failure is the caller's to report

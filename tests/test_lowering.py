@@ -116,8 +116,19 @@ class LinearThenRelu(torch.nn.Module):
         return self.linear(x).relu()
 
 
-@pytest.mark.parametrize("model, passes", [(torch.nn.Linear(8, 4), 1), (LinearThenRelu(), None)])
-def test_xnnpack_runs_only_the_linear_pass_on_linears_alone(model, passes):
+class Scores(torch.nn.Module):
+    """Attention's batched matmuls and softmax, as the twin's attention partitions hold them."""
+
+    def forward(self, q, k, v):
+        return torch.bmm(torch.bmm(q, k).softmax(-1), v)
+
+
+@pytest.mark.parametrize("model, inputs, alone", [
+    (torch.nn.Linear(8, 4), (torch.randn(2, 8),), True),
+    (Scores(), (torch.randn(2, 3, 8), torch.randn(2, 8, 5), torch.randn(2, 5, 4)), True),
+    (LinearThenRelu(), (torch.randn(2, 8),), False),
+])
+def test_xnnpack_runs_only_the_linear_pass_on_linears_matmuls_and_softmaxes_alone(model, inputs, alone):
     from executorch.backends.xnnpack._passes import (
         ConvertToLinearPass,
         XNNPACKPassManager,
@@ -125,11 +136,11 @@ def test_xnnpack_runs_only_the_linear_pass_on_linears_alone(model, passes):
     from executorch.exir import EdgeCompileConfig, to_edge
 
     config = EdgeCompileConfig(preserve_ops=[torch.ops.aten.linear.default])
-    program = to_edge(torch.export.export(model, (torch.randn(2, 8),)), compile_config=config).exported_program()
+    program = to_edge(torch.export.export(model, inputs), compile_config=config).exported_program()
     stock = XNNPACKPassManager(program).passes
     with lowering.lean_lowering():
         lean = XNNPACKPassManager(program).passes
-    assert lean == ([ConvertToLinearPass] if passes else stock) and len(stock) > 10
+    assert lean == ([ConvertToLinearPass] if alone else stock) and len(stock) > 10
 
 
 def test_garbage_collection_is_restored_after_lowering():

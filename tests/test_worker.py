@@ -33,9 +33,26 @@ def wait_forever():
     time.sleep(600)
 
 
-def test_the_result_comes_back():
-    with worker.beside(add, 2, 3) as result:
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_the_result_comes_back(start):
+    with worker.beside(add, 2, 3, start=start) as result:
         assert result() == 5
+
+
+HELD = {}  # what this process holds when it forks
+
+
+def held_here():
+    return HELD["tensor"].sum().item(), os.getpid()
+
+
+def test_a_forked_process_reads_what_this_one_holds():
+    import torch
+
+    HELD["tensor"] = torch.arange(4.0)
+    with worker.beside(held_here, start="fork") as result:
+        total, pid = result()
+    assert total == 6.0 and pid != os.getpid()
 
 
 def test_an_exception_is_raised_again_here():
@@ -91,7 +108,11 @@ def test_jobs_come_from_the_environment(monkeypatch, value, expected):
     else:
         monkeypatch.setenv(worker.JOBS_VARIABLE, value)
     assert worker.jobs() == expected
-    assert worker.beside_or_later() is (worker.beside if expected == 2 else worker.later)
+    chosen = worker.beside_or_later(start="fork")
+    if expected == 2:
+        assert chosen.func is worker.beside and chosen.keywords == {"start": "fork"}
+    else:
+        assert chosen is worker.later
 
 
 @pytest.mark.parametrize("value", ["3", "many", ""])

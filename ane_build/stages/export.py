@@ -287,7 +287,7 @@ def run(inputs, params, out_dir):
         started = time.time()
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin %s", ", ".join(spec["programs"]),
                  settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"],
-                 "beside it" if run_twin is worker.beside else "after it")
+                 "after it" if run_twin is worker.later else "beside it")
         coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], metadata,
                               payload_seed(quant_dir, spec, settings))
         report = delegation_report(coreml)

@@ -10,6 +10,7 @@ is set, ``decode.pt2`` (one token). The entry carries ``spec.json`` (with a ``qu
 section added) and the tokenizer forward, so the export stage reads only this entry.
 """
 
+import contextlib
 import fnmatch
 import logging
 import math
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ane_build import palettize, recipe, saved_programs, source_blocks
+from ane_build import palettize, recipe, saved_programs, source_blocks, worker
 from ane_build.errors import UserError
 from ane_build.model import io
 
@@ -220,6 +221,17 @@ def ideal_bytes(groups):
     return sum(g["params"] * g["bits"] // 8 for g in groups.values())
 
 
+def export_program(model, spec, program, out_dir):
+    """Export ``model`` for ``program``'s tokens per call into its file in ``out_dir``; returns the seconds taken."""
+    log.info("exporting %s (%d tokens per call)", program["file"], program["seq_length"])
+    started = time.time()
+    # Non-strict: it traces with real Python instead of dynamo, seconds instead of minutes
+    # on a real model, and gives the same graph for this plain static-shape module.
+    exported = torch.export.export(model, io.example_inputs(spec, program["seq_length"]), strict=False)
+    saved_programs.save(exported, Path(out_dir) / program["file"])
+    return round(time.time() - started, 2)
+
+
 def run(inputs, params, out_dir):
     """inputs: {"rewrite": rewrite entry dir}; params: the recipe's ``quantize:`` mapping."""
     rewrite_dir, out_dir = Path(inputs["rewrite"]), Path(out_dir)
@@ -230,17 +242,16 @@ def run(inputs, params, out_dir):
     groups = weight_groups(model, settings, spec["ane"]["dtype"], source)
     model = quantize(model, settings, source)
 
-    metrics = {"ideal_bytes": ideal_bytes(groups)}
-    programs = {}
-    for method, seq_length in io.methods(spec["ane"]).items():
-        log.info("exporting %s (%d tokens per call)", method, seq_length)
-        started = time.time()
-        # Non-strict: it traces with real Python instead of dynamo, seconds instead of minutes
-        # on a real model, and gives the same graph for this plain static-shape module.
-        program = torch.export.export(model, io.example_inputs(spec, seq_length), strict=False)
-        programs[method] = {"file": f"{method}.pt2", "seq_length": seq_length}
-        saved_programs.save(program, out_dir / programs[method]["file"])
-        metrics[f"{method}_export_seconds"] = round(time.time() - started, 2)
+    programs = {method: {"file": f"{method}.pt2", "seq_length": n} for method, n in io.methods(spec["ane"]).items()}
+    # Each method after the first is exported in a forked copy of this process meanwhile: tracing
+    # is single-threaded Python, and the copy shares the quantized model instead of redoing it.
+    (first, *others), run_beside = programs, worker.beside_or_later(start="fork")
+    with contextlib.ExitStack() as stack:
+        pending = {m: stack.enter_context(run_beside(export_program, model, spec, programs[m], out_dir))
+                   for m in others}
+        seconds = {first: export_program(model, spec, programs[first], out_dir)}
+        seconds.update((m, result()) for m, result in pending.items())
+    metrics = {"ideal_bytes": ideal_bytes(groups), **{f"{m}_export_seconds": t for m, t in seconds.items()}}
 
     io.copy_tokenizer(spec["tokenizer"], rewrite_dir, out_dir)
     quantize_section = {**settings, "weight_groups": groups, "ideal_bytes": metrics["ideal_bytes"]}

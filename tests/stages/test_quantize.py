@@ -17,7 +17,7 @@ def rewritten(tmp_path_factory):
 
 def run(rewrite_entry, tmp_path, params):
     out = tmp_path / "quantize"
-    out.mkdir()
+    out.mkdir(parents=True)
     quantize.run({"rewrite": rewrite_entry}, params, out)
     return out
 
@@ -39,6 +39,16 @@ def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_pat
         got, want = program.module()(*inputs), eager(*inputs)
         for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
             assert g.shape == w.shape and torch.equal(g, w), method
+
+
+def test_the_programs_are_the_same_exported_beside_or_one_after_the_other(rewritten, tmp_path, monkeypatch):
+    """ANE_BUILD_JOBS=2 exports decode in a forked copy of the process; 1, after forward, in it."""
+    entries = {}
+    for jobs in ("2", "1"):
+        monkeypatch.setenv("ANE_BUILD_JOBS", jobs)
+        entries[jobs] = run(rewritten, tmp_path / jobs, {"linear": "c8w", "embedding": "8,0"})
+    for name in ("forward.pt2", "decode.pt2", "spec.json"):
+        assert (entries["2"] / name).read_bytes() == (entries["1"] / name).read_bytes(), name
 
 
 def test_ideal_size_counts_each_weight_at_its_bits(rewritten, tmp_path):
