@@ -1,10 +1,12 @@
 """The remote cache: store entries shared through an fsspec URL (``file:///...``, ``s3://...``, ``gs://...``).
 
 Under the URL, an entry is ``<stage>/<key>/manifest.json`` (the local entry's manifest, byte for
-byte) and ``<stage>/<key>/files/<sha256>``, one object per file the manifest lists. Files are
-named by their content so that two runners pushing one key at once, even with different bytes,
-never mix their files: each manifest names objects its pusher uploaded before it (files first,
-manifest last), so a reader never takes a half-pushed entry.
+byte), and its files are ``blobs/<sha256>``, one object per content. Files are named by their
+content so that two runners pushing one key at once, even with different bytes, never mix their
+files: each manifest names objects its pusher uploaded (or found) before it (files first,
+manifest last), so a reader never takes a half-pushed entry. And a content is stored once,
+whichever entries hold it: a release bundle's ``model.pte`` is its export's, the tokenizer
+travels with every stage.
 
 The remote is never trusted. A pulled manifest must be the one asked for (its stage and key, and
 key inputs that hash to that key) and name only plain relative paths; every file must have the size
@@ -74,8 +76,12 @@ def _filesystem(url, timeout):
     protocol = URL.fullmatch(url)[1]
     options = {"skip_instance_cache": True}  # our own instance: its retries are set below
     if protocol in ("s3", "s3a"):
+        # Every file is checked end to end by its sha256 when pulled: S3's own checksum of each
+        # request would be a second one, computed here and again by the server, for nothing.
         options["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": timeout,
-                                    "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}}
+                                    "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
+                                    "request_checksum_calculation": "when_required",
+                                    "response_checksum_validation": "when_required"}
     elif protocol in ("gs", "gcs"):
         import aiohttp
 
@@ -112,8 +118,8 @@ class Remote:
     def _path(self, stage, key, *parts):
         return "/".join((self.root, stage, key, *parts))
 
-    def _blob(self, stage, key, sha256):
-        return self._path(stage, key, "files", sha256)
+    def _blob(self, sha256):
+        return "/".join((self.root, "blobs", sha256))
 
     def lookup(self, stage, key):
         """The remote entry's manifest, checked against ``key``; None if it is not there (or refused, or the remote is down)."""
@@ -136,7 +142,7 @@ class Remote:
             return None
         try:
             manifest, raw = self._manifest(stage, key)
-            return store.adopt(stage, key, lambda tmp: self._fill(tmp, stage, key, manifest, raw))
+            return store.adopt(stage, key, lambda tmp: self._fill(tmp, manifest, raw))
         except FileNotFoundError:  # no manifest: not there (a missing file is a Refused, from _fill)
             return None
         except Refused as e:
@@ -149,13 +155,13 @@ class Remote:
         raw = self.fs.cat_file(self._path(stage, key, MANIFEST))
         return checked(raw, stage, key), raw
 
-    def _fill(self, tmp, stage, key, manifest, raw):
+    def _fill(self, tmp, manifest, raw):
         """Write the entry's files into ``tmp`` and check each; {relative path: sha256} for the store."""
         for rel, meta in manifest["files"].items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self.fs.get_file(self._blob(stage, key, meta["sha256"]), str(path))
+                self.fs.get_file(self._blob(meta["sha256"]), str(path))
             except FileNotFoundError:
                 raise Refused(f"{rel} is missing") from None
             if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
@@ -194,8 +200,10 @@ class Remote:
                 return
             raw = (entry / MANIFEST).read_bytes()
             for rel, meta in json.loads(raw)["files"].items():
-                blob = self._blob(stage, key, meta["sha256"])
-                if repair or not self._holds(blob, meta["size"]):  # e.g. uploaded before a push was killed
+                blob = self._blob(meta["sha256"])
+                # One of that size is another entry's, or left by a push that was killed; after a
+                # refusal any blob may be the bad one, so all go again.
+                if repair or not self._holds(blob, meta["size"]):
                     self._put(lambda path: self.fs.put_file(str(entry / rel), path), blob)
             self._put(lambda path: self.fs.pipe_file(path, raw), self._path(stage, key, MANIFEST))
         except Exception as e:

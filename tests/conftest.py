@@ -7,6 +7,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `from tests.tiny_llama import ...` without installing tests
 
 
+@pytest.fixture(autouse=True)
+def no_remote_cache_from_the_shell(monkeypatch):
+    """A developer's own remote cache settings never reach a test: nothing is pushed to their
+    remote, nothing pulled from it. Tests of the remote cache set their own."""
+    for name in ("ANE_BUILD_CACHE", "ANE_BUILD_CACHE_MODE", "ANE_BUILD_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def write(tmp_path):
     """write("a/b.yaml", text) -> the path, folders created."""

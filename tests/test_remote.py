@@ -4,10 +4,12 @@ Store-level cases use fake stage functions (our own code; the remote, fsspec, s3
 are real); doit-level ones the tiny project of test_tasks, through convert.
 """
 
+import hashlib
 import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,10 +81,13 @@ def put(remote, path, data):
 
 
 def rewrite_remote(url, key, edit):
-    """Replace every object of the remote entry by ``edit(relative path, bytes)``, e.g. to tamper with it."""
+    """Replace the remote entry's manifest and each blob it lists by ``edit(path under the remote, bytes)``,
+    e.g. to tamper with it; None leaves one as it is."""
     remote = Remote(url)
-    for path in remote.fs.find(remote._path(STAGE, key)):
-        data = edit(path[len(remote._path(STAGE, key)) + 1:], remote.fs.cat_file(path))
+    manifest = remote._path(STAGE, key, "manifest.json")
+    blobs = [remote._blob(meta["sha256"]) for meta in json.loads(remote.fs.cat_file(manifest))["files"].values()]
+    for path in [manifest, *blobs]:
+        data = edit(path[len(remote.root) + 1:], remote.fs.cat_file(path))
         if data is not None:
             put(remote, path, data)
 
@@ -91,13 +96,33 @@ def test_push_after_build_then_a_pull_instead_of_a_build(tmp_path, url):
     store, key = built_and_pushed(tmp_path, url)
     manifest = json.loads((store.entry(STAGE, key) / "manifest.json").read_text())
     assert remote_files(url) == sorted([f"{STAGE}/{key}/manifest.json"] + [
-        f"{STAGE}/{key}/files/{meta['sha256']}" for meta in manifest["files"].values()])
+        f"blobs/{meta['sha256']}" for meta in manifest["files"].values()])
     other = Store(tmp_path / "other")
     assert Remote(url).pull(other, STAGE, key) == (other.entry(STAGE, key), True) and other.is_valid(STAGE, key)
     entry = other.entry(STAGE, key)
     for rel in ("a.bin", "sub/b.txt", "manifest.json"):  # the manifest byte for byte: its timings and metrics too
         assert (entry / rel).read_bytes() == (store.entry(STAGE, key) / rel).read_bytes()
     assert other.build(STAGE, key, {}, never) == (entry, False)
+
+
+def test_a_content_two_entries_hold_is_stored_once(tmp_path, url):
+    """A release bundle's model.pte is its export's: the second entry uploads only what is new."""
+    store, first = built_and_pushed(tmp_path, url)
+    before = remote_files(url)
+    second, inputs = entry_key(2)
+
+    def first_and_one_more(out):
+        shutil.copytree(store.entry(STAGE, first), out, dirs_exist_ok=True, ignore=lambda *_: ["manifest.json"])
+        (out / "c.txt").write_text("new")
+
+    store.build(STAGE, second, inputs, first_and_one_more)
+    remote = Remote(url)
+    remote.push(store, STAGE, second)
+    remote.wait()
+    added = sorted(set(remote_files(url)) - set(before))
+    assert added == sorted([f"{STAGE}/{second}/manifest.json", f"blobs/{hashlib.sha256(b'new').hexdigest()}"])
+    pulled, _ = Remote(url).pull(Store(tmp_path / "other"), STAGE, second)
+    assert sorted(p.name for p in pulled.rglob("*") if p.is_file()) == ["a.bin", "b.txt", "c.txt", "manifest.json"]
 
 
 def test_a_missing_entry_is_a_miss_and_no_warning(tmp_path, url, caplog):
@@ -112,9 +137,9 @@ def test_a_flipped_byte_is_refused_rebuilt_and_not_trusted_again_in_the_run(tmp_
 
     def flip(rel, data):
         good[rel] = data
-        if where == "blob" and rel.startswith("files/") and len(data) == 1000:
+        if where == "blob" and rel.startswith("blobs/") and len(data) == 1000:
             return bytes([data[0] ^ 1]) + data[1:]
-        if where == "manifest size" and rel == "manifest.json":
+        if where == "manifest size" and rel.endswith("/manifest.json"):
             return data.replace(b'"size": 5', b'"size": 6')
         return None
 
@@ -131,7 +156,7 @@ def test_a_flipped_byte_is_refused_rebuilt_and_not_trusted_again_in_the_run(tmp_
 
 def test_a_rebuilt_entry_replaces_the_refused_one(tmp_path, url):
     _, key = built_and_pushed(tmp_path, url)
-    rewrite_remote(url, key, lambda rel, data: b"x" * len(data) if rel.startswith("files/") else None)
+    rewrite_remote(url, key, lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") else None)
     remote, store = Remote(url), Store(tmp_path / "other")
     entry, how = obtain_fake(store, remote, key)
     assert how == "built"
@@ -188,7 +213,8 @@ def remote_state(url):
 
 def test_read_only_mode_pulls_and_never_writes(tmp_path, url):
     _, key = built_and_pushed(tmp_path, url)
-    rewrite_remote(url, key, lambda rel, data: b"x" * len(data) if rel.startswith("files/") else None)
+    # Its a.bin, which no other entry holds (b.txt, the same in each, is the next test's case).
+    rewrite_remote(url, key, lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") and len(data) == 1000 else None)
     before = remote_state(url)
     reader, store = Remote(url, mode="read"), Store(tmp_path / "reader")
     assert obtain_fake(store, reader, key)[1] == "built"  # refused, rebuilt, and not repaired: read only
@@ -197,6 +223,17 @@ def test_read_only_mode_pulls_and_never_writes(tmp_path, url):
     assert remote_state(url) == before
     _, key3 = built_and_pushed(tmp_path, url, n=3)
     assert reader.pull(Store(tmp_path / "third"), STAGE, key3) is not None
+
+
+def test_a_bad_blob_entries_share_is_mended_by_the_first_run_that_refuses_it(tmp_path, url):
+    _, second = built_and_pushed(tmp_path, url, n=2)
+    _, first = built_and_pushed(tmp_path, url)  # b.txt's blob is held already: not uploaded again
+    rewrite_remote(url, first, lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") and len(data) == 5 else None)
+    assert Remote(url).pull(Store(tmp_path / "r1"), STAGE, second) is None  # the blob is the second's too
+    writer = Remote(url)
+    assert obtain_fake(Store(tmp_path / "w"), writer, first)[1] == "built"  # refused, rebuilt, pushed over it
+    writer.wait()
+    assert Remote(url).pull(Store(tmp_path / "r2"), STAGE, second) is not None  # mended for both
 
 
 KILLED_PUSH = """
@@ -271,7 +308,7 @@ def test_concurrent_pushes_of_one_key_with_different_bytes_never_mix(tmp_path, u
     pulled, _ = Remote(url).pull(Store(tmp_path / "reader"), STAGE, key)
     winner = tmp_path / f"b{(pulled / 'a.bin').read_bytes()[:1].decode()}"
     assert (pulled / "a.bin").read_bytes() == (Store(winner).entry(STAGE, key) / "a.bin").read_bytes()
-    blobs = [p for p in remote_files(url) if p.startswith(f"{STAGE}/{key}/files/")]
+    blobs = [p for p in remote_files(url) if p.startswith("blobs/")]
     assert len(blobs) >= 3  # b.txt once (the same bytes), a.bin from at least two pushers: they did race
 
 
