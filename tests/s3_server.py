@@ -1,7 +1,7 @@
 """A real S3-protocol server on 127.0.0.1 for remote cache tests: moto's, as s3fs's own tests use.
 
 ``serving()`` runs it in a thread of this process (tests); ``process()`` as a process of its own
-(the benchmark, so its CPU is its own). Either yields an S3 whose ``env`` points boto (s3fs, and
+(the benchmark, so its CPU is its own, and its priority can be lowered). Either yields an S3 whose ``env`` points boto (s3fs, and
 any ane-build or doit started with it) at the server, with a fresh bucket.
 """
 
@@ -55,10 +55,12 @@ def serving():
 
 
 @contextlib.contextmanager
-def process():
+def process(niceness=0):
+    """The server as a process of its own, at ``niceness`` (19: it runs when nothing else wants the CPU)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
     try:
         s3 = S3(f"http://127.0.0.1:{port}")
         _wait_until_up(s3.endpoint, proc)
