@@ -1,7 +1,7 @@
 """The remote cache on the default recipe, side by side: a cold `doit`, the same cold `doit` pushing to
 an S3-protocol server on 127.0.0.1, then `doit` on an empty local store from that warm remote.
 
-    python benchmarks/remote_cache.py [--out DIR]
+    python benchmarks/remote_cache.py [--out DIR] [--repeat N]
 
 Each `doit` (the default task: the default recipe through release) starts from an empty artifacts
 folder, in its own process. The server is moto's (what the tests run against), in a process of its
@@ -10,13 +10,15 @@ and the pushing build runs twice: beside a server at the build's priority, and b
 lowest (niceness 19), which takes the CPU only when the build leaves it: the nearest this machine
 comes to a remote on hardware of its own. A pushing `doit` exits once its pushes are done, so their
 cost is in its wall time, and so is any of the server's work still left then. Prints a Markdown
-table: wall time, the stages each run built, pulled or left in the remote, and the two ratios the
-issue sets (warm <= 0.1x the cold build, with no stage run; cold with push <= 1.1x cold without).
+table: wall time (with --repeat N, the median of the three cold builds run in turn N times), the
+stages each run built, pulled or left in the remote, and the two ratios the issue sets (warm <=
+0.1x the cold build, with no stage run; cold with push <= 1.1x cold without), then every run.
 """
 
 import argparse
 import os
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -49,34 +51,50 @@ def build(name, out, env):
     return wall, stages, load
 
 
+PUSHING, NICED = "cold, pushing", "cold, pushing to a server at niceness 19"
+WARM = "warm remote, empty local store"
+SLUGS = {"cold": "cold", PUSHING: "push", NICED: "push-niced"}  # their logs and artifacts folders
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="remote-bench-")))
+    ap.add_argument("--repeat", type=int, default=1, help="run the three cold builds this many times, in turn")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.pop("ANE_BUILD_CACHE", None)
-    server_cpu = {}
-    with s3_server.process() as s3:
-        remote = {**s3.env, "ANE_BUILD_CACHE": s3.url("bench")}
-        runs = {"cold": build("cold", args.out, {})}
-        server_cpu["cold, pushing"] = cpu_seconds(s3.pid)
-        runs["cold, pushing"] = build("cold-push", args.out, remote)
-        server_cpu["cold, pushing"] = cpu_seconds(s3.pid) - server_cpu["cold, pushing"]
-        runs["warm remote, empty local store"] = build("warm", args.out, remote)
-        stored = sum(1 for key in s3.keys("bench/") if key.endswith("/manifest.json"))
-    with s3_server.process(niceness=19) as s3:
-        name = "cold, pushing to a server at niceness 19"
-        runs[name] = build("cold-push-niced", args.out, {**s3.env, "ANE_BUILD_CACHE": s3.url("bench")})
-        server_cpu[name] = cpu_seconds(s3.pid)
-    cold = runs["cold"][0]
-    print("| `doit`, default recipe, empty artifacts folder | wall (s) | x cold | built | pulled | left in the remote |")
+    with s3_server.process() as s3, s3_server.process(niceness=19) as niced:
+        servers = {"cold": None, PUSHING: s3, NICED: niced}
+        runs, server_cpu = {name: [] for name in servers}, {PUSHING: [], NICED: []}
+        for i in range(args.repeat):
+            for name, server in servers.items():
+                env = server and {**server.env, "ANE_BUILD_CACHE": server.url(f"bench{i}")}
+                before = server and cpu_seconds(server.pid)
+                runs[name].append(build(f"{SLUGS[name]}-{i}", args.out, env or {}))
+                if server:
+                    server_cpu[name].append(cpu_seconds(server.pid) - before)
+        last = f"bench{args.repeat - 1}"
+        runs[WARM] = [build("warm", args.out, {**s3.env, "ANE_BUILD_CACHE": s3.url(last)})]
+        stored = sum(1 for key in s3.keys(f"{last}/") if key.endswith("/manifest.json"))
+    report(runs, server_cpu, stored)
+
+
+def report(runs, server_cpu, stored):
+    walls = {name: statistics.median(wall for wall, _, _ in r) for name, r in runs.items()}
+    median = ", median" if len(runs["cold"]) > 1 else ""
+    print(f"| `doit`, default recipe, empty artifacts folder | wall (s{median}) | x cold | built | pulled | "
+          "left in the remote |")
     print("|---|---|---|---|---|---|")
-    for name, (wall, stages, _) in runs.items():
-        print(f"| {name} | {wall:.1f} | {wall / cold:.3f}x | {', '.join(stages['built']) or 'none'} | "
-              f"{', '.join(stages['pulled']) or '-'} | {', '.join(stages['remote']) or '-'} |")
-    print(f"\nThe pushing build left {stored} entries in the remote. The S3 server's CPU (on this machine's cores, "
-          "beside the build): " + "; ".join(f"{name}: {t:.1f} s" for name, t in server_cpu.items()) + ".")
-    print("Load average (1 min) at each start: " + ", ".join(f"{r[2]:.2f}" for r in runs.values()) + ".")
+    for name, r in runs.items():
+        stages = r[-1][1]
+        print(f"| {name} | {walls[name]:.1f} | {walls[name] / walls['cold']:.3f}x | "
+              f"{', '.join(stages['built']) or 'none'} | {', '.join(stages['pulled']) or '-'} | "
+              f"{', '.join(stages['remote']) or '-'} |")
+    print(f"\nThe last pushing build left {stored} entries in the remote.")
+    print("Runs in order (wall s, load average at the start): " + "; ".join(
+        f"{name} " + ", ".join(f"{w:.1f} ({load:.2f})" for w, _, load in r) for name, r in runs.items()) + ".")
+    print("The S3 server's CPU while a build pushed (on this machine's cores, beside the build), s: " + "; ".join(
+        f"{name} " + ", ".join(f"{t:.1f}" for t in times) for name, times in server_cpu.items()) + ".")
 
 
 if __name__ == "__main__":
