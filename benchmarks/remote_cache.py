@@ -10,14 +10,16 @@ and the pushing build runs twice: beside a server at the build's priority, and b
 lowest (niceness 19), which takes the CPU only when the build leaves it: the nearest this machine
 comes to a remote on hardware of its own. A pushing `doit` exits once its pushes are done, so their
 cost is in its wall time, and so is any of the server's work still left then. Prints a Markdown
-table: wall time (with --repeat N, the median of the three cold builds run in turn N times), the
-stages each run built, pulled or left in the remote, and the two ratios the issue sets (warm <=
-0.1x the cold build, with no stage run; cold with push <= 1.1x cold without), then every run.
+table: wall time and the CPU time of the build's own processes (with --repeat N, medians of the
+three cold builds run in turn N times), the stages each run built, pulled or left in the remote,
+and the two ratios the issue sets (warm <= 0.1x the cold build, with no stage run; cold with push
+<= 1.1x cold without), then every run.
 """
 
 import argparse
 import os
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -38,17 +40,24 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def build(name, out, env):
-    """(wall s, {verb: stages}, load average at the start) of one `doit` from an empty artifacts folder."""
+    """(wall s, {verb: stages}, load average at the start, CPU s of the doit process tree) of one
+    `doit` from an empty artifacts folder."""
     env = {"ANE_BUILD_ARTIFACTS": str(out / f"artifacts-{name}"), "ANE_BUILD_CONFIG": str(out / "none.toml"), **env}
-    load = os.getloadavg()[0]
+    load, cpu = os.getloadavg()[0], children_cpu_seconds()
     log = out / f"{name}.log"
     wall = timed([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")], log, env)[0]
+    cpu = children_cpu_seconds() - cpu  # doit's, and its reaped processes' (the twin's, quantize's fork)
     lines = re.findall(r"^(built|pulled|remote|cached) +(\w+):", log.read_text(), re.M)
     stages = {verb: [stage for v, stage in lines if v == verb] for verb in VERBS}
     print(f"{name}: {wall:.1f} s, " + ", ".join(f"{v} {', '.join(s)}" for v, s in stages.items() if s),
           file=sys.stderr)
-    return wall, stages, load
+    return wall, stages, load, cpu
 
 
 PUSHING, NICED = "cold, pushing", "cold, pushing to a server at niceness 19"
@@ -80,19 +89,22 @@ def main():
 
 
 def report(runs, server_cpu, stored):
-    walls = {name: statistics.median(wall for wall, _, _ in r) for name, r in runs.items()}
+    walls = {name: statistics.median(run[0] for run in r) for name, r in runs.items()}
+    cpus = {name: statistics.median(run[3] for run in r) for name, r in runs.items()}
     median = ", median" if len(runs["cold"]) > 1 else ""
-    print(f"| `doit`, default recipe, empty artifacts folder | wall (s{median}) | x cold | built | pulled | "
-          "left in the remote |")
-    print("|---|---|---|---|---|---|")
+    print(f"| `doit`, default recipe, empty artifacts folder | wall (s{median}) | x cold | its CPU (s{median}) | "
+          "x cold | built | pulled | left in the remote |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         stages = r[-1][1]
-        print(f"| {name} | {walls[name]:.1f} | {walls[name] / walls['cold']:.3f}x | "
+        print(f"| {name} | {walls[name]:.1f} | {walls[name] / walls['cold']:.3f}x | {cpus[name]:.1f} | "
+              f"{cpus[name] / cpus['cold']:.3f}x | "
               f"{', '.join(stages['built']) or 'none'} | {', '.join(stages['pulled']) or '-'} | "
               f"{', '.join(stages['remote']) or '-'} |")
     print(f"\nThe last pushing build left {stored} entries in the remote.")
-    print("Runs in order (wall s, load average at the start): " + "; ".join(
-        f"{name} " + ", ".join(f"{w:.1f} ({load:.2f})" for w, _, load in r) for name, r in runs.items()) + ".")
+    print("Runs in order (wall s, CPU s, load average at the start): " + "; ".join(
+        f"{name} " + ", ".join(f"{w:.1f} ({cpu:.1f}, {load:.2f})" for w, _, load, cpu in r)
+        for name, r in runs.items()) + ".")
     print("The S3 server's CPU while a build pushed (on this machine's cores, beside the build), s: " + "; ".join(
         f"{name} " + ", ".join(f"{t:.1f}" for t in times) for name, times in server_cpu.items()) + ".")
 
