@@ -62,7 +62,7 @@ def build(name, out, env):
 
 PUSHING, NICED = "cold, pushing", "cold, pushing to a server at niceness 19"
 WARM = "warm remote, empty local store"
-SLUGS = {"cold": "cold", PUSHING: "push", NICED: "push-niced"}  # their logs and artifacts folders
+SLUGS = {PUSHING: "push", NICED: "push-niced"}  # their logs and artifacts folders
 
 
 def main():
@@ -73,15 +73,14 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.pop("ANE_BUILD_CACHE", None)
     with s3_server.process() as s3, s3_server.process(niceness=19) as niced:
-        servers = {"cold": None, PUSHING: s3, NICED: niced}
-        runs, server_cpu = {name: [] for name in servers}, {PUSHING: [], NICED: []}
+        runs, server_cpu = {"cold": [], PUSHING: [], NICED: []}, {PUSHING: [], NICED: []}
         for i in range(args.repeat):
-            for name, server in servers.items():
-                env = server and {**server.env, "ANE_BUILD_CACHE": server.url(f"bench{i}")}
-                before = server and cpu_seconds(server.pid)
-                runs[name].append(build(f"{SLUGS[name]}-{i}", args.out, env or {}))
-                if server:
-                    server_cpu[name].append(cpu_seconds(server.pid) - before)
+            runs["cold"].append(build(f"cold-{i}", args.out, {}))
+            for name, server in ((PUSHING, s3), (NICED, niced)):
+                before = cpu_seconds(server.pid)
+                runs[name].append(build(f"{SLUGS[name]}-{i}", args.out,
+                                        {**server.env, "ANE_BUILD_CACHE": server.url(f"bench{i}")}))
+                server_cpu[name].append(cpu_seconds(server.pid) - before)
         last = f"bench{args.repeat - 1}"
         runs[WARM] = [build("warm", args.out, {**s3.env, "ANE_BUILD_CACHE": s3.url(last)})]
         stored = sum(1 for key in s3.keys(f"{last}/") if key.endswith("/manifest.json"))

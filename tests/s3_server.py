@@ -1,8 +1,9 @@
 """A real S3-protocol server on 127.0.0.1 for remote cache tests: moto's, as s3fs's own tests use.
 
 ``serving()`` runs it in a thread of this process (tests); ``process()`` as a process of its own
-(the benchmark, so its CPU is its own, and its priority can be lowered). Either yields an S3 whose ``env`` points boto (s3fs, and
-any ane-build or doit started with it) at the server, with a fresh bucket.
+(the benchmark, so its CPU is its own, and its priority can be lowered). Either yields an S3
+whose ``env`` points boto (s3fs, and any ane-build or doit started with it) at the server, with a
+fresh bucket.
 """
 
 import contextlib

@@ -92,6 +92,11 @@ def rewrite_remote(url, key, edit):
             put(remote, path, data)
 
 
+def spoiled_blobs(size=None):
+    """An edit for ``rewrite_remote``: each blob (of ``size`` bytes, if given) overwritten with as many x's."""
+    return lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") and size in (None, len(data)) else None
+
+
 def test_push_after_build_then_a_pull_instead_of_a_build(tmp_path, url):
     store, key = built_and_pushed(tmp_path, url)
     manifest = json.loads((store.entry(STAGE, key) / "manifest.json").read_text())
@@ -156,7 +161,7 @@ def test_a_flipped_byte_is_refused_rebuilt_and_not_trusted_again_in_the_run(tmp_
 
 def test_a_rebuilt_entry_replaces_the_refused_one(tmp_path, url):
     _, key = built_and_pushed(tmp_path, url)
-    rewrite_remote(url, key, lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") else None)
+    rewrite_remote(url, key, spoiled_blobs())
     remote, store = Remote(url), Store(tmp_path / "other")
     entry, how = obtain_fake(store, remote, key)
     assert how == "built"
@@ -214,7 +219,7 @@ def remote_state(url):
 def test_read_only_mode_pulls_and_never_writes(tmp_path, url):
     _, key = built_and_pushed(tmp_path, url)
     # Its a.bin, which no other entry holds (b.txt, the same in each, is the next test's case).
-    rewrite_remote(url, key, lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") and len(data) == 1000 else None)
+    rewrite_remote(url, key, spoiled_blobs(size=1000))
     before = remote_state(url)
     reader, store = Remote(url, mode="read"), Store(tmp_path / "reader")
     assert obtain_fake(store, reader, key)[1] == "built"  # refused, rebuilt, and not repaired: read only
@@ -228,7 +233,7 @@ def test_read_only_mode_pulls_and_never_writes(tmp_path, url):
 def test_a_bad_blob_entries_share_is_mended_by_the_first_run_that_refuses_it(tmp_path, url):
     _, second = built_and_pushed(tmp_path, url, n=2)
     _, first = built_and_pushed(tmp_path, url)  # b.txt's blob is held already: not uploaded again
-    rewrite_remote(url, first, lambda rel, data: b"x" * len(data) if rel.startswith("blobs/") and len(data) == 5 else None)
+    rewrite_remote(url, first, spoiled_blobs(size=5))
     assert Remote(url).pull(Store(tmp_path / "r1"), STAGE, second) is None  # the blob is the second's too
     writer = Remote(url)
     assert obtain_fake(Store(tmp_path / "w"), writer, first)[1] == "built"  # refused, rebuilt, pushed over it
