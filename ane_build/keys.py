@@ -8,10 +8,10 @@ import hashlib
 import json
 from functools import lru_cache
 from importlib import metadata
-from pathlib import Path
+
+from ane_build import import_graph
 
 TOOLCHAIN = ("torch", "executorch", "coremltools", "torchao")
-PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 def canonical_json(obj):
@@ -33,30 +33,17 @@ def toolchain_versions():
     return versions
 
 
-@lru_cache(maxsize=None)
-def source_fingerprint(sources):
-    """sha256 over the text of the stage's own source files (paths relative to ane_build/).
-
-    A folder entry (ending in "/") stands for every .py file in it.
-    """
-    h = hashlib.sha256()
-    for rel in sources:
-        files = sorted((PACKAGE_ROOT / rel).glob("*.py")) if rel.endswith("/") else [PACKAGE_ROOT / rel]
-        for f in files:
-            h.update(f.relative_to(PACKAGE_ROOT).as_posix().encode() + b"\0")
-            h.update(f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def key_inputs(stage, params, upstream_keys):
-    """Everything the key of ``stage`` hashes, as a JSON-able dict (stored in the manifest)."""
+    """Everything the key of ``stage`` hashes, as a JSON-able dict (stored in the manifest): its
+    code is every package module it can run, each by its sha256, and the versions of the
+    libraries those modules import (``import_graph``)."""
     return {
         "stage": stage.name,
         "format_version": stage.version,
         "params": params,
         "upstream": upstream_keys,
-        "toolchain": toolchain_versions(),
-        "source": source_fingerprint(stage.sources),
+        "code": import_graph.fingerprint(stage.module_name),
+        "libraries": import_graph.libraries(stage.module_name),
     }
 
 

@@ -20,26 +20,25 @@ class Stage:
     version: int  # bump when the stage's output format changes without a source change
     sections: tuple  # the recipe sections this stage reads
     upstream: tuple  # the stages whose outputs it reads
-    sources: tuple  # its own code, relative to ane_build/ (a folder ends in "/")
+
+    @property
+    def module_name(self):
+        """Its code: this module and what it imports (``import_graph``), all in its key."""
+        return f"ane_build.stages.{self.name}"
 
     @property
     def module(self):
-        return importlib.import_module(f"ane_build.stages.{self.name}")
+        return importlib.import_module(self.module_name)
 
 
 STAGES = (
-    Stage("fetch", 1, ("source",), (), ("stages/fetch.py", "download.py", "hub.py")),
-    Stage("convert", 1, ("convert",), ("fetch",), ("stages/convert.py", "checkpoint/", "source_blocks.py")),
-    Stage("rewrite", 1, ("ane",), ("convert",),
-          ("stages/rewrite.py", "model/", "checkpoint/canonical.py", "source_blocks.py")),
-    Stage("quantize", 1, ("quantize",), ("rewrite",), ("stages/quantize.py", "model/", "source_blocks.py")),
-    Stage("export", 1, ("export",), ("quantize",),
-          ("stages/export.py", "model/io.py", "lint.py", "ane_rules.py", "coreml_program.py", "cost.py",
-           "reproducible_coreml.py")),
-    Stage("smoke", 1, ("smoke",), ("export", "convert"),
-          ("stages/smoke.py", "quality.py", "runtime/", "model/", "checkpoint/canonical.py")),
-    Stage("release", 1, ("release",), ("export", "smoke"),
-          ("stages/release.py", "verify.py", "bundle_readme.py", "cost.py", "lint.py")),
+    Stage("fetch", 1, ("source",), ()),
+    Stage("convert", 1, ("convert",), ("fetch",)),
+    Stage("rewrite", 1, ("ane",), ("convert",)),
+    Stage("quantize", 1, ("quantize",), ("rewrite",)),
+    Stage("export", 1, ("export",), ("quantize",)),
+    Stage("smoke", 1, ("smoke",), ("export", "convert")),
+    Stage("release", 1, ("release",), ("export", "smoke")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

@@ -8,9 +8,9 @@ def test_canonical_json_is_order_independent():
 def test_key_inputs_name_everything_the_rule_lists():
     stage = pipeline.BY_NAME["convert"]
     inputs = keys.key_inputs(stage, {"convert": {"format": "auto"}}, {"fetch": "f" * 64})
-    assert set(inputs) == {"stage", "format_version", "params", "upstream", "toolchain", "source"}
-    assert set(inputs["toolchain"]) == {"torch", "executorch", "coremltools", "torchao"}
-    assert inputs["toolchain"]["torch"].startswith("2.13.0")
+    assert set(inputs) == {"stage", "format_version", "params", "upstream", "code", "libraries"}
+    assert {"ane_build/stages/convert.py", "ane_build/checkpoint/gguf.py"} <= set(inputs["code"])
+    assert inputs["libraries"]["torch"].startswith("2.13.0")
 
 
 def test_key_changes_with_each_input():
@@ -18,11 +18,6 @@ def test_key_changes_with_each_input():
     base = keys.stage_key(keys.key_inputs(stage, {"convert": {"format": "auto"}}, {"fetch": "a"}))
     assert base != keys.stage_key(keys.key_inputs(stage, {"convert": {"format": "gguf"}}, {"fetch": "a"}))
     assert base != keys.stage_key(keys.key_inputs(stage, {"convert": {"format": "auto"}}, {"fetch": "b"}))
-
-
-def test_source_fingerprint_covers_folders():
-    one = keys.source_fingerprint(("stages/convert.py",))
-    assert one != keys.source_fingerprint(("stages/convert.py", "checkpoint/"))
 
 
 def test_plan_has_no_paths_and_same_content_shares_keys(write, tmp_path):

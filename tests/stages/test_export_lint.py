@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from ane_build import keys, lint, pipeline, recipe
+from ane_build import import_graph, keys, lint, pipeline, recipe
 from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.stages import export
@@ -87,7 +87,8 @@ def test_recipes_default_to_error_and_the_setting_is_in_the_stage_key():
                                                                                     None), {"quantize": "q"}))
                   for mode in ("error", "warn", "off")}
     assert len(set(stage_keys.values())) == 3
-    assert {"lint.py", "ane_rules.py", "coreml_program.py"} <= set(stage.sources)  # its code, in the fingerprint
+    assert {"ane_build.lint", "ane_build.ane_rules", "ane_build.coreml_program"} <= set(
+        import_graph.closure(stage.module_name))  # its code, in the key
 
 
 def test_a_bad_setting_is_one_line():
