@@ -7,6 +7,7 @@ Files under ``recipes/_base/`` are bases to extend, not recipes to build.
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -196,7 +197,8 @@ def deep_merge(base, override, whole=schema.ONE_KIND, _prefix=""):
 def _absolutize_source_path(data, folder):
     source = data.get("source")
     if isinstance(source, dict) and isinstance(source.get("path"), str):
-        source["path"] = str((folder / source["path"]).resolve())
+        # Not resolve(): a link is named as the user wrote it, and a broken one is fetch's to refuse.
+        source["path"] = os.path.abspath(folder / source["path"])
 
 
 def _check_rules(recipe, where):
