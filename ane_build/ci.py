@@ -18,9 +18,10 @@ job without the checkpoint: a local source's key is its content's hash).
 import collections
 import json
 import logging
+import sys
 from pathlib import Path
 
-from ane_build import config, pipeline, recipe, remote
+from ane_build import config, pipeline, plans, recipe, remote
 from ane_build.errors import UserError
 from ane_build.store import Store
 
@@ -56,9 +57,23 @@ def _leads_to_another(entry, deepest, planned):
 
 
 def cmd_plan(args):
+    """Named recipes must all plan; over every recipe, one waiting for its checkpoint is left out
+    with one line on stderr, and a broken one is an error."""
     store = Store(args.artifacts)
-    recipes = [recipe.load(path, args.recipes_dir) for path in recipe_paths(args.recipes, args.recipes_dir)]
-    planned = {rec["name"]: pipeline.plan(rec, store.hasher) for rec in recipes}
+    if args.recipes:
+        recipes = [recipe.load(path, args.recipes_dir) for path in recipe_paths(args.recipes, args.recipes_dir)]
+        planned = {rec["name"]: pipeline.plan(rec, store.hasher) for rec in recipes}
+    else:
+        recipes, planned = [], {}
+        for rec, stages, problem in sorted(plans.every_recipe(args.recipes_dir, store.hasher),
+                                           key=lambda found: plans.order(found[2])):
+            if problem and not plans.waiting(rec, problem):
+                raise problem
+            if problem:
+                print(f"skipped {rec['name']}: {plans.waiting(rec, problem)}", file=sys.stderr)
+                continue
+            recipes.append(rec)
+            planned[rec["name"]] = stages
     store.hasher.save()
     print(json.dumps(plan(recipes, planned), separators=(",", ":")))
 

@@ -13,6 +13,7 @@ from ane_build import (
     lint,
     logs,
     pipeline,
+    plans,
     recipe,
     remote,
     schema,
@@ -29,18 +30,26 @@ def cmd_schema(args):
 
 def cmd_status(args):
     """Each stage's key and where it is: ``local`` (the store), ``remote`` (the remote cache, if one
-    is set) or ``missing``, without building anything."""
+    is set) or ``missing``, without building anything. Over every recipe, one that cannot be
+    planned is one row saying why (exit 1 only with ``--strict``); asked about by name, it fails."""
     store = Store(args.artifacts)
     cache = remote.configured(config.default_path())
-    paths = [Path(p) for p in args.recipes] or recipe.discover(args.recipes_dir)
-    for path in paths:
-        rec = recipe.load(path, args.recipes_dir)
-        planned = pipeline.plan(rec, store.hasher)
+    if args.recipes:
+        found = [(rec, pipeline.plan(rec, store.hasher), None)
+                 for rec in (recipe.load(Path(p), args.recipes_dir) for p in args.recipes)]
+    else:
+        found = list(plans.every_recipe(args.recipes_dir, store.hasher))
+    for rec, planned, problem in found:
+        if problem:
+            waiting = plans.waiting(rec, problem)
+            print(f"{rec['name']}  skipped  {waiting}" if waiting else f"{rec['name']}  error  {problem}")
+            continue
         for name, (key, inputs) in planned.items():
             state = "local" if store.is_valid(name, key) else "remote" if cache and cache.lookup(name, key) else "missing"
             print(f"{name}:{rec['name']}  {key[:16]}  {state}{_hub_commit(name, inputs, rec['source'])}"
                   f"{_decode_cost(name, store, key, rec['device']) if state == 'local' else ''}")
     store.hasher.save()
+    return 1 if args.strict and any(problem for _, _, problem in found) else 0
 
 
 def _decode_cost(stage_name, store, key, device):
@@ -72,6 +81,7 @@ def parser():
     status.add_argument("recipes", nargs="*", help="recipe files (default: all)")
     status.add_argument("--recipes-dir", default="recipes")
     status.add_argument("--artifacts", default="artifacts")
+    status.add_argument("--strict", action="store_true", help="exit 1 if any recipe cannot be planned")
     status.set_defaults(func=cmd_status)
     exporter = sub.add_parser("export", help="export a .pte from -p/-c files (the seed export.py's flags)",
                               description=export_cli.__doc__)

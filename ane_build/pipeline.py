@@ -82,7 +82,7 @@ def naming_recipe(recipe):
     try:
         yield
     except UserError as e:
-        raise UserError(recipe["path"], str(e)) from None
+        raise e.at(recipe["path"]) from None
 
 
 def run_params(stage, recipe, planned=None):

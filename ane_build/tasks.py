@@ -18,12 +18,14 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from ane_build import logs, pipeline, recipe, remote
+from ane_build import logs, pipeline, plans, remote
 from ane_build.errors import UserError
 from ane_build.store import Store
 
 # The tasks doit was asked for (groups expanded), told to the Reporter as the run starts; None: unknown, all.
 _asked = None
+_named = set()  # the recipes of the tasks named on the command line (not through a group), likewise
+_waiting = {}  # task name: why it is skipped (its recipe waits for a checkpoint), for the Reporter
 _left_remote = set()  # tasks up to date because the remote cache holds their entry, for the Reporter
 
 
@@ -45,35 +47,37 @@ def generate(recipes_dir, artifacts_dir, config_path=None):
     store = Store(artifacts_dir)
     cache = remote.configured(config_path)
     names = []
-    for path in recipe.discover(recipes_dir):
-        rec = recipe.load(path, recipes_dir)
-        names.append(rec["name"])
-        try:
-            planned, problem = pipeline.plan(rec, store.hasher), None
-        except UserError as e:  # e.g. a source not there yet: listed, and fails only when run
-            planned, problem = None, e
+    for rec, planned, problem in plans.every_recipe(recipes_dir, store.hasher):
+        names.append((plans.order(problem), rec["name"]))
         for stage in pipeline.STAGES:
             yield _task(store, cache, rec, stage, planned, problem)
+    # A group builds the recipes it can first, skips those waiting for a checkpoint, and fails on a
+    # broken one last: one broken recipe does not keep the others from building.
     for stage in pipeline.STAGES:
         yield {"basename": stage.name, "doc": f"{stage.name} every recipe", "actions": None,
-               "task_dep": [f"{stage.name}:{name}" for name in names]}
+               "task_dep": [f"{stage.name}:{name}" for _, name in sorted(names)]}
     store.hasher.save()
 
 
 def _task(store, cache, rec, stage, planned, problem):
     key = planned[stage.name][0] if planned else None
+    waiting = plans.waiting(rec, problem)
+    waiting = waiting and f"{rec['name']}: {waiting}"
     return {
         # Top-level tasks named <stage>:<recipe> (not doit subtasks), so `doit list` shows them.
         "basename": f"{stage.name}:{rec['name']}",
         "doc": f"{stage.name} {rec['name']}" + (f" ({rec['device']})" if rec["device"] else ""),
         "actions": [(_run, [store, cache, rec, stage.name, planned, problem])],
-        "uptodate": [(_uptodate, [store, rec["name"], stage.name, key])],
+        "uptodate": [(_uptodate, [store, rec["name"], stage.name, key, waiting])],
         "task_dep": [f"{up}:{rec['name']}" for up in stage.upstream],
         "clean": [(_clean, [store, rec["name"], stage.name, key])],
     }
 
 
-def _uptodate(task, values, store, recipe_name, stage_name, key):
+def _uptodate(task, values, store, recipe_name, stage_name, key, waiting):
+    if waiting and recipe_name not in _named:  # reached through a group: skipped, not failed
+        _waiting[task.name] = waiting
+        return True
     if key is None or values.get("key") != key:
         return False
     if store.is_valid(stage_name, key):
@@ -92,7 +96,8 @@ def _wanted(task_name):
 
 def _ask_for(tasks, selected):
     """Record the tasks doit was asked for: ``selected`` names, a group standing for its task_dep."""
-    global _asked
+    global _asked, _named
+    _named = {name.split(":", 1)[1] for name in selected or () if name in tasks and tasks[name].actions}
     _asked, todo = set(), list(selected or ())
     while todo:
         name = todo.pop()
@@ -147,6 +152,7 @@ class Reporter(ConsoleReporter):
 
     def initialize(self, tasks, selected_tasks):
         _ask_for(tasks, selected_tasks)
+        self._said = set()
 
     def execute_task(self, task):
         if task.actions:
@@ -159,7 +165,11 @@ class Reporter(ConsoleReporter):
             self.write(f"{verb} {task.name}  {values['seconds']:.1f} s  {values['entry']}\n")
 
     def skip_uptodate(self, task):
-        if task.actions:
+        if task.name in _waiting:
+            if _waiting[task.name] not in self._said:  # once for the recipe, not once per stage
+                self._said.add(_waiting[task.name])
+                self.write(f"skipped {_waiting[task.name]}\n")
+        elif task.actions:
             verb = "remote" if task.name in _left_remote else "cached"
             self.write(f"{verb} {task.name}  up to date\n")
 
