@@ -4,8 +4,11 @@ Lowering a model makes coremltools and ExecuTorch print thousands of lines (ever
 removes, the same notice for each of 436 weights, a progress bar per pass pipeline, native
 code's own notes straight to the file descriptors), which buried the build's own progress
 and errors. So a stage's whole output, ours, the libraries' and native code's, goes to a
-log file of its own (``stage_output``), and the console keeps warnings and errors: ours
-each time, another library's the first time its text is seen.
+log file of its own (``stage_output``). The console keeps our warnings (about the user's
+recipe, checkpoint or cache) and another library's errors, the first time their text is seen.
+A library's warnings stay in the log: they are notices about the library itself (a torch
+version it was not tested with, optional native parts it could not load here) that a build's
+user cannot act on.
 """
 
 import contextlib
@@ -43,15 +46,19 @@ def is_ours(record):
 
 
 class OncePerMessage(logging.Filter):
-    """Passes our own records, and another library's only the first time its text is seen."""
+    """Passes our own records, and another library's at ``library_level`` or above only the first
+    time its text is seen."""
 
-    def __init__(self):
+    def __init__(self, library_level=logging.NOTSET):
         super().__init__()
         self._seen = set()
+        self.library_level = library_level
 
     def filter(self, record):
         if is_ours(record):
             return True
+        if record.levelno < self.library_level:
+            return False
         text = (record.name, record.levelno, record.getMessage())
         if text in self._seen:
             return False
@@ -59,14 +66,14 @@ class OncePerMessage(logging.Filter):
         return True
 
 
-# One for the whole build: a library's warning seen in one stage is not repeated in the next.
-_CONSOLE_ONCE = OncePerMessage()
+# One for the whole build: a library's error seen in one stage is not repeated in the next.
+_CONSOLE_ONCE = OncePerMessage(library_level=logging.ERROR)
 
 
 @contextlib.contextmanager
 def stage_output(log_path, title, expected_seconds=None):
     """Send everything printed inside (file descriptors 1 and 2, so native code and worker
-    processes too) to ``log_path``; warnings and errors also to the console, as above. On a
+    processes too) to ``log_path``; our warnings and a library's errors also to the console. On a
     terminal, a progress bar for ``title`` once the stage has run a few seconds."""
     show_progress()
     log_path.parent.mkdir(parents=True, exist_ok=True)
