@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from ane_build import config, tasks
-from ane_build.errors import UserError
+from ane_build import tasks
+from ane_build.cache import config
+from ane_build.util.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 RECIPES = Path(os.environ.get("ANE_BUILD_RECIPES", HERE / "recipes"))

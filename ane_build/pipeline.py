@@ -8,10 +8,10 @@ import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ane_build import keys
-from ane_build.errors import UserError
-from ane_build.memory import release_memory
+from ane_build.cache import keys
 from ane_build.recipe import recorded
+from ane_build.util.errors import UserError
+from ane_build.util.memory import release_memory
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def key_params(stage, recipe, file_sha256):
 
         return fetch.key_params(recipe["source"], file_sha256)
     if stage.name == "smoke":
-        from ane_build import quality
+        from ane_build.analysis import quality
 
         # The evaluation text comes with Python, and its bytes differ between some releases.
         return {"smoke": recipe["smoke"], "eval_text_sha256": quality.eval_text()[1]}

@@ -7,7 +7,7 @@ YAML, an unreadable source...), and fails the command after the others.
 """
 
 from ane_build import pipeline, recipe
-from ane_build.errors import SourceMissing, UserError, display_path
+from ane_build.util.errors import SourceMissing, UserError, display_path
 
 
 def every_recipe(recipes_dir, hasher):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from ane_build import hub, schema
-from ane_build.errors import UserError, display_path
+from ane_build import schema
+from ane_build.sources import hub
+from ane_build.util.errors import UserError, display_path
 
 log = logging.getLogger(__name__)
 BASE_DIR = "_base"

@@ -7,7 +7,7 @@ The same table validates recipes (`validate`) and is exported as JSON Schema
 import re
 from dataclasses import dataclass
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")

@@ -18,9 +18,11 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from ane_build import logs, pipeline, plans, remote
-from ane_build.errors import UserError
-from ane_build.store import Store
+from ane_build import pipeline, plans
+from ane_build.cache import remote
+from ane_build.cache.store import Store
+from ane_build.util import logs
+from ane_build.util.errors import UserError
 
 # The tasks doit was asked for (groups expanded), told to the Reporter as the run starts; None: unknown, all.
 _asked = None

@@ -4,7 +4,7 @@
 
 The seed's program has one method, forward, taking seq_length (64) tokens a call: generating
 feeds it one real token and 63 pads a call. Ours adds a one-token decode method. For each:
-the counts of ``ane_build.cost`` (bytes read and MACs per decoded token, padding waste), the
+the counts of ``ane_build.analysis.cost`` (bytes read and MACs per decoded token, padding waste), the
 memory-bandwidth bound on each recipe device, and, measured side by side on this host's CPU
 through the CPU twin (both methods are in the same twin.pte), decode tokens/s. The bound is
 an upper bound for a device, not a prediction; the host's speeds are the twin's, on this CPU.
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ane_build import cost  # noqa: E402
+from ane_build.analysis import cost
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "smollm2-135m/iphone15pro"

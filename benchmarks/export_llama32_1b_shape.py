@@ -4,7 +4,7 @@
 
 dim 2048, 16 layers, 32 heads, 8 KV heads, hidden 8192, vocab 128256, rope theta
 500000 with Llama 3 scaling, tied embeddings. Reports wall time and peak RSS of
-`python -m ane_build.export`: its largest process (wait4) and the sum over its process
+`python -m ane_build.cli.export`: its largest process (wait4) and the sum over its process
 tree (the twin lowers in a second process), which must fit this 24 GiB machine; then the
 same with ANE_BUILD_JOBS=1 (the twin lowered after Core ML, in the same process).
 """
@@ -46,7 +46,7 @@ def main():
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     write_checkpoint(args.out)
-    cmd = [sys.executable, "-m", "ane_build.export", "-p", str(args.out / "params.json"),
+    cmd = [sys.executable, "-m", "ane_build.cli.export", "-p", str(args.out / "params.json"),
            "-c", str(args.out / "model.safetensors"), "-n", str(args.out / "llama1b.pte"), *SETTINGS]
     print("| Llama-3.2-1B-shaped export | wall (s) | peak RSS, largest process (GB) | peak RSS, process tree (GB) "
           "| Core ML .pte (GB) | twin .pte (GB) |")

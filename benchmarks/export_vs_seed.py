@@ -1,4 +1,4 @@
-"""Export of the default model: ours (`python -m ane_build.export`) beside the seed's export.py.
+"""Export of the default model: ours (`python -m ane_build.cli.export`) beside the seed's export.py.
 
     python benchmarks/export_vs_seed.py [--checkpoint DIR] [--out DIR] [--repeat N]
 
@@ -138,7 +138,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     write_pth(ckpt, args.out)
     files = ["-p", str(args.out / "params.json"), "-c", str(args.out / "model.pth")]
-    ours = [sys.executable, "-m", "ane_build.export", *files, *SETTINGS]
+    ours = [sys.executable, "-m", "ane_build.cli.export", *files, *SETTINGS]
     # name: (command, environment). Ours twice: the twin beside Core ML (the default), and after it.
     commands = {
         "seed": ([*SEED_COMMAND, "-n", str(args.out / "seed.pte"), *files, *SETTINGS], {}),

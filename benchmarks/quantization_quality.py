@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ane_build import pipeline, recipe, schema
-from ane_build.errors import UserError
+from ane_build.cache.store import Store
 from ane_build.stages import smoke
-from ane_build.store import Store
+from ane_build.util.errors import UserError
 
 RECIPE = ROOT / "recipes" / "smollm2-135m" / "iphone15pro.yaml"
 # name -> (quantize section, per-block scales)

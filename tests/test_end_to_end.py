@@ -88,6 +88,6 @@ def test_release_bundle_verifies(built):
     names = {p.name for p in bundle.iterdir()}
     assert {"model.pte", "tokenizer.json", "manifest.json", "smoke.md", "smollm2-135m-iphone15pro.tar.gz"} <= names
     for target in (bundle, bundle / "smollm2-135m-iphone15pro.tar.gz"):
-        proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "verify", str(target)],
+        proc = subprocess.run([sys.executable, "-m", "ane_build.cli.main", "verify", str(target)],
                               capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stdout.startswith("ok: "), proc.stderr

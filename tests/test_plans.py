@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from ane_build import cli, plans
-from ane_build.errors import SourceMissing, display_path
-from ane_build.filehash import sha256_file
+from ane_build import plans
+from ane_build.cache.filehash import sha256_file
+from ane_build.cli import main as cli
+from ane_build.util.errors import SourceMissing, display_path
 from tests.test_tasks import ROOT, doit, make_project
 
 WAITING = "description: Big model, which you download yourself\nsource: {path: ../../ckpt/big}\n"
@@ -89,7 +90,7 @@ def test_status_shows_every_recipe_and_says_why_one_cannot_be_planned(project, c
 
 
 def test_status_of_a_waiting_recipe_named_alone_is_an_error(project):
-    proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "status", str(project / "recipes/big/phone.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "ane_build.cli.main", "status", str(project / "recipes/big/phone.yaml"),
                            "--recipes-dir", str(project / "recipes"), "--artifacts", str(project / "a")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1

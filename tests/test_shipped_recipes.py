@@ -17,7 +17,7 @@ def test_every_shipped_recipe_loads(path):
 
 def test_default_model_devices_share_fetch_and_convert():
     from ane_build import pipeline
-    from ane_build.filehash import FileHasher
+    from ane_build.cache.filehash import FileHasher
 
     hasher = FileHasher(ROOT / "artifacts" / "store" / ".filehash.json")
     plans = [pipeline.plan(recipe.load(p, RECIPES), hasher) for p in sorted(RECIPES.glob("smollm2-135m/*.yaml"))]

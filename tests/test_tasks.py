@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ane_build import pipeline, schema
-from ane_build.filehash import sha256_file
-from ane_build.verify import ARCHIVE_SUFFIX
+from ane_build.bundle.verify import ARCHIVE_SUFFIX
+from ane_build.cache.filehash import sha256_file
 from tests.tiny_llama import tiny_params, tiny_weights, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,14 @@ A canonical checkpoint is a folder with:
   for a GGUF with quantized linears ``source_blocks``: which weights have blocks (their GGUF
   type, bits and block size) and which linears' types are not carried.
 - ``blocks.safetensors`` (a GGUF with quantized linears only): each linear weight's blocks as
-  the file has them, for ``quantize.linear: source`` (``ane_build.source_blocks``).
+  the file has them (``blocks.py``), for ``quantize.linear: source`` (``ane_build.quant.source_blocks``).
 """
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,7 +41,7 @@ class Checkpoint:
     eos_ids: list = field(default_factory=list)
     source_format: str = ""
     tied_embeddings: bool = False
-    source_blocks: object = None  # ane_build.source_blocks.Source of a GGUF, else None
+    source_blocks: object = None  # ane_build.checkpoint.blocks.Source of a GGUF, else None
 
 
 def head_dim(params):
@@ -109,9 +109,9 @@ def write(ckpt, out_dir):
         "tied_embeddings": ckpt.tied_embeddings,
     }
     if ckpt.source_blocks and ckpt.source_blocks.blocks:
-        from ane_build import source_blocks
+        from ane_build.checkpoint import blocks
 
-        source_blocks.save(ckpt.source_blocks, out_dir)
+        blocks.save(ckpt.source_blocks, out_dir)
         info["source_blocks"] = ckpt.source_blocks.info()
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 

@@ -17,9 +17,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from ane_build.checkpoint import canonical, gguf_blocks, gguf_tokenizer
-from ane_build.errors import UserError
-from ane_build.model.reference import rope_frequencies
-from ane_build.source_blocks import Source
+from ane_build.checkpoint.blocks import Source
+from ane_build.checkpoint.rope import rope_frequencies
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ane_build.source_blocks import Blocks
+from ane_build.checkpoint.blocks import Blocks
 
 
 def _f16(raw):

@@ -15,7 +15,7 @@ from gguf import TokenType
 from sentencepiece import sentencepiece_model_pb2 as spm
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ import logging
 from pathlib import Path
 
 from ane_build.checkpoint import canonical, jsonfiles, tokenizer_files
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 import json
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 
 def read(path, missing="missing"):

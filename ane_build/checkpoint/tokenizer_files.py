@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

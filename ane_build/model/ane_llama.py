@@ -37,7 +37,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ane_build.checkpoint import canonical
-from ane_build.model.reference import rms_norm, rope_frequencies
+from ane_build.checkpoint.rope import rope_frequencies
+from ane_build.model.reference import rms_norm
 
 # Not -inf: softmax subtracts the row max, and -inf - (-inf) is NaN wherever a row is fully
 # masked (or when a backend adds -inf to an fp16 score). A large finite value is as good:

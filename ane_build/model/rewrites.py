@@ -20,8 +20,8 @@ import math
 import torch
 from torch import nn
 
-from ane_build.errors import UserError
 from ane_build.model.ane_llama import RMSNorm
+from ane_build.util.errors import UserError
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_MAX_SPLITS = 8

@@ -6,5 +6,5 @@
 - ``sampling``: greedy, temperature and top-p;
 - ``tokenizer``: pytorch-tokenizers files and streaming text;
 - ``generate``: the loop, with prefill and decode speeds measured apart;
-- ``cli``: the flags of the seed's ``run.py`` (``python -m ane_build.run``).
+- ``cli``: the flags of the seed's ``run.py`` (``python -m ane_build.cli.run``).
 """

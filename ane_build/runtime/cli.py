@@ -5,11 +5,11 @@ import sys
 from pathlib import Path
 
 from ane_build.checkpoint import canonical, tokenizer_files
-from ane_build.errors import UserError
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import PteProgram, open_eager
 from ane_build.runtime.sampling import Sampler
 from ane_build.runtime.tokenizer import TextStream, Tokenizer
+from ane_build.util.errors import UserError
 
 
 def add_arguments(parser):

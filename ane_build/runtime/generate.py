@@ -10,8 +10,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from ane_build.errors import UserError
 from ane_build.runtime.kv_cache import KVCache, feed
+from ane_build.util.errors import UserError
 
 
 @dataclass

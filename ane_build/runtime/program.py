@@ -20,9 +20,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ane_build.checkpoint import canonical, jsonfiles, meta
-from ane_build.errors import UserError
 from ane_build.model import rewrites
 from ane_build.model.ane_llama import AneLlama, flat_logits
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ keeping the smallest set of most likely tokens whose probability reaches top_p.
 
 import torch
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 NUCLEUS_GUESS = 64  # tokens first looked at for top-p
 

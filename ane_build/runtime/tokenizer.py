@@ -11,7 +11,7 @@ import logging
 
 from ane_build.checkpoint import tokenizer_files
 from ane_build.checkpoint.tokenizer_files import HF_JSON, SENTENCEPIECE, TIKTOKEN
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"  # what a decoder makes of bytes that are not (yet) a whole UTF-8 character

@@ -7,7 +7,7 @@
 - ``delegation.json`` / ``delegation.txt``: how much of each method Core ML took, and
   every op left on the CPU.
 - ``lint.json`` / ``lint.md``: the ops of ``model.pte`` that break what the Neural Engine is
-  reported to take (``ane_build.lint``); with ``ane_lint: error`` one outside the allowlist
+  reported to take (``ane_build.analysis.lint``); with ``ane_lint: error`` one outside the allowlist
   fails the stage, with ``warn`` it is logged.
 - ``twin.pte``: the same saved programs lowered for the CPU (linears on XNNPACK), for
   hosts without Core ML (ExecuTorch's Linux runtime), in a second process meanwhile (after
@@ -28,14 +28,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ane_build import cost, lint, reproducible_coreml, saved_programs, worker
-from ane_build.errors import UserError
-from ane_build.filehash import sha256_file
-from ane_build.lowering import lean_lowering
-from ane_build.memory import release_memory
+from ane_build.analysis import cost, lint
+from ane_build.cache.filehash import sha256_file
 from ane_build.model import io
+from ane_build.programs import reproducible_coreml, saved_programs
+from ane_build.programs.lowering import lean_lowering
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS, SCHEMA
 from ane_build.stages import quantize
+from ane_build.util import worker
+from ane_build.util.errors import UserError
+from ane_build.util.memory import release_memory
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"

@@ -17,9 +17,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from ane_build import hub
-from ane_build.download import download
-from ane_build.errors import SourceMissing, UserError
+from ane_build.sources import hub
+from ane_build.sources.download import download
+from ane_build.util.errors import SourceMissing, UserError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Weights are quantized with torchao as the seed export does (weight-only; symmetr
 ``quantize.mapping`` asks for a zero point too; the Core ML converter turns torchao's
 ``dequantize_affine`` into its constexpr ops). Each linear gets ``quantize.linear``'s kind
 unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits).
-Kind ``source`` takes a GGUF checkpoint's own blocks as they are (``ane_build.source_blocks``).
+Kind ``source`` takes a GGUF checkpoint's own blocks as they are (``ane_build.quant.source_blocks``).
 One program per method: ``forward.pt2`` (seq_length tokens) and, when ``ane.decode_method``
 is set, ``decode.pt2`` (one token). The entry carries ``spec.json`` (with a ``quantize``
 section added) and the tokenizer forward, so the export stage reads only this entry.
@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ane_build import palettize, recipe, saved_programs, source_blocks, worker
-from ane_build.errors import UserError
+from ane_build import recipe
+from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.model import io
+from ane_build.programs import saved_programs
+from ane_build.quant import palettize, source_blocks
+from ane_build.util import worker
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 # {kind: bits per weight}. c4w/c8w: one scale (and zero point) per output channel, the form the
@@ -110,12 +114,12 @@ def quantized_model(rewrite_entry, params):
 
 def _source(rewrite_entry, settings):
     """The checkpoint's blocks when some linear takes them as they are (kind source), else None."""
-    return source_blocks.load(rewrite_entry) if "source" in quantized_kinds(settings) else None
+    return checkpoint_blocks.load(rewrite_entry) if "source" in quantized_kinds(settings) else None
 
 
 def quantize(model, settings, source=None):
     """Quantize ``model`` in place as the resolved ``settings`` ask; returns it ready to export.
-    ``source``: the rewrite entry's blocks (``source_blocks.load``), for kind source."""
+    ``source``: the rewrite entry's blocks (``checkpoint_blocks.load``), for kind source."""
     from torchao.utils import unwrap_tensor_subclass
 
     _check_divisible(model, settings)

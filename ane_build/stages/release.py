@@ -32,14 +32,16 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from ane_build import bundle_readme, cost, keys, lint
-from ane_build.bundle_readme import README
-from ane_build.errors import UserError
+from ane_build.analysis import cost, lint
+from ane_build.bundle import readme as bundle_readme
+from ane_build.bundle.readme import README
+from ane_build.bundle.verify import ARCHIVE_SUFFIX, MANIFEST, describe
+from ane_build.cache import keys
 from ane_build.model import io, rewrites
 from ane_build.recipe import recorded
 from ane_build.stages import smoke
 from ane_build.stages.export import MODEL_FILE
-from ane_build.verify import ARCHIVE_SUFFIX, MANIFEST, describe
+from ane_build.util.errors import UserError
 
 FROM_EXPORT = (MODEL_FILE, "delegation.txt")  # and the tokenizer, named in spec.json
 FROM_SMOKE = (smoke.REPORT_MD,)

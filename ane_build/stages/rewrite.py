@@ -3,18 +3,18 @@
 The entry is everything later stages need (they never read the convert entry):
 ``model.safetensors`` (the rewritten module's state), ``spec.json`` (see
 ``ane_build.model.io``) and the tokenizer file; for a checkpoint with quantized blocks (a
-GGUF), ``blocks.safetensors`` under the rewritten names too (``ane_build.source_blocks``).
+GGUF), ``blocks.safetensors`` under the rewritten names too (``ane_build.checkpoint.blocks``).
 """
 
 import logging
 from pathlib import Path
 
-from ane_build import source_blocks
+from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.checkpoint import canonical
-from ane_build.errors import UserError
 from ane_build.model import io, rewrites
 from ane_build.model.ane_llama import AneLlama
 from ane_build.schema import SCHEMA
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def run(inputs, params, out_dir):
     log.info("rewrote the model: %s, %d layers split", ane["dtype"], _split_layers(model))
 
     io.save_state(model, out_dir)
-    blocks = source_blocks.load(ckpt_dir)
+    blocks = checkpoint_blocks.load(ckpt_dir)
     if blocks:
-        source_blocks.save(source_blocks.rewritten(blocks, model), out_dir)
+        checkpoint_blocks.save(checkpoint_blocks.rewritten(blocks, model), out_dir)
     io.copy_tokenizer(info["tokenizer"], ckpt_dir, out_dir)
     io.write_spec({
         "params": model_params,

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ane_build import quality, schema
-from ane_build.errors import UserError
+from ane_build import schema
+from ane_build.analysis import quality
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
 from ane_build.runtime import cpu_kernels
@@ -33,6 +33,7 @@ from ane_build.runtime.program import PteProgram
 from ane_build.runtime.sampling import Sampler
 from ane_build.runtime.tokenizer import TextStream, Tokenizer
 from ane_build.stages.export import MODEL_FILE, TWIN_FILE
+from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
 DEFAULTS = schema.SCHEMA["smoke"]  # for settings given without a recipe (a run by hand)

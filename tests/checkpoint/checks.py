@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ane_build.errors import UserError
+from ane_build.util.errors import UserError
 
 
 def assert_same_weights(got, want):

@@ -10,8 +10,16 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from ane_build.checkpoint import canonical, gguf
 from tests.checkpoint.checks import assert_same_weights, one_line_error
-from tests.tiny_llama import (LLAMA3_ROPE, VARIANTS, gguf_vocab_from_sentencepiece, gguf_vocab_from_tokenizer_json,
-                              sentencepiece_model, tiny_params, tiny_weights, write_gguf)
+from tests.tiny_llama import (
+    LLAMA3_ROPE,
+    VARIANTS,
+    gguf_vocab_from_sentencepiece,
+    gguf_vocab_from_tokenizer_json,
+    sentencepiece_model,
+    tiny_params,
+    tiny_weights,
+    write_gguf,
+)
 
 TEXTS = [
     "Once upon a time, the quick brown fox",

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from ane_build.checkpoint import canonical
+from ane_build.checkpoint.rope import rope_frequencies
 from ane_build.model import rewrites
 from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask, causal_mask, rotate
-from ane_build.model.reference import ReferenceLlama, apply_rope, rms_norm, rope_frequencies
+from ane_build.model.reference import ReferenceLlama, apply_rope, rms_norm
 from tests import float_bounds
 from tests.tiny_llama import tiny_params, tiny_weights
 

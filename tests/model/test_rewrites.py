@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from ane_build.errors import UserError
 from ane_build.model import rewrites
 from ane_build.model.ane_llama import AneLlama, RMSNorm
 from ane_build.model.reference import rms_norm
+from ane_build.util.errors import UserError
 from tests import float_bounds
 from tests.tiny_llama import tiny_params, tiny_weights
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from ane_build.run import entry
+from ane_build.cli.run import entry
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import open_eager
 from ane_build.runtime.sampling import Sampler
@@ -81,6 +81,6 @@ def test_user_errors_are_one_line(twin, bare_pte, checkpoint, tmp_path, capsys, 
 
 
 def test_python_dash_m_reports_user_errors():
-    done = subprocess.run([sys.executable, "-m", "ane_build.run", "--top_p", "1.5"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "ane_build.cli.run", "--top_p", "1.5"], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.endswith("error: --top_p: expected a probability in (0, 1]; got 1.5\n")

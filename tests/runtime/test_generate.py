@@ -1,9 +1,9 @@
 import pytest
 
-from ane_build.errors import UserError
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import open_eager
 from ane_build.runtime.sampling import Sampler
+from ane_build.util.errors import UserError
 from tests.model.test_ane_llama import tokens_for
 from tests.runtime.tiny_programs import CACHE, MAX, SEQ
 from tests.tiny_llama import tiny_params

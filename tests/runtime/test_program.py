@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from ane_build.errors import UserError
 from ane_build.runtime import program as program_module
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import ModelInfo, PteProgram, open_eager
 from ane_build.runtime.sampling import Sampler
+from ane_build.util.errors import UserError
 from tests import float_bounds
 from tests.model.test_ane_llama import masked_reference, tokens_for, windowed
 from tests.runtime.tiny_programs import CACHE, MAX, SEQ, TWINS, calls, export_add_one, run_calls

@@ -3,8 +3,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ane_build.errors import UserError
 from ane_build.runtime.sampling import Sampler
+from ane_build.util.errors import UserError
 
 
 def random_logits(n=8, vocab=320):

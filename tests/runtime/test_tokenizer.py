@@ -1,7 +1,7 @@
 import pytest
 
-from ane_build.errors import UserError
 from ane_build.runtime.tokenizer import REPLACEMENT, TextStream, Tokenizer
+from ane_build.util.errors import UserError
 from tests.tiny_llama import TOKENIZERS, write_tokenizer
 
 KINDS = list(TOKENIZERS)  # sentencepiece, tiktoken, tokenizer.json

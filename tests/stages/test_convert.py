@@ -1,7 +1,7 @@
 import pytest
 
-from ane_build.errors import UserError
 from ane_build.stages import convert
+from ane_build.util.errors import UserError
 from tests.tiny_llama import tiny_params, tiny_weights, write_hf, write_meta
 
 WRITERS = {"hf": write_hf, "meta": write_meta}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.model.rewrites import DTYPES
 from ane_build.stages import export, quantize
+from ane_build.util.errors import UserError
 from tests import float_bounds
 from tests.stages.tiny_entries import ane, build, later_call_inputs
 from tests.tiny_llama import WIDE

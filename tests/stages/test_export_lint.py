@@ -7,10 +7,12 @@ import logging
 import pytest
 import torch
 
-from ane_build import import_graph, keys, lint, pipeline, recipe
-from ane_build.errors import UserError
+from ane_build import pipeline, recipe
+from ane_build.analysis import lint
+from ane_build.cache import import_graph, keys
 from ane_build.model import io
 from ane_build.stages import export
+from ane_build.util.errors import UserError
 from tests import lint_builds
 
 
@@ -87,7 +89,7 @@ def test_recipes_default_to_error_and_the_setting_is_in_the_stage_key():
                                                                                     None), {"quantize": "q"}))
                   for mode in ("error", "warn", "off")}
     assert len(set(stage_keys.values())) == 3
-    assert {"ane_build.lint", "ane_build.ane_rules", "ane_build.coreml_program"} <= set(
+    assert {"ane_build.analysis.lint", "ane_build.analysis.ane_rules", "ane_build.programs.coreml_program"} <= set(
         import_graph.closure(stage.module_name))  # its code, in the key
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ane_build import pipeline, recipe
-from ane_build.errors import UserError, display_path
+from ane_build.cache.store import Store
 from ane_build.stages import convert, fetch
-from ane_build.store import Store
+from ane_build.util.errors import UserError, display_path
 from tests import https_server
 from tests.tiny_llama import tiny_params, tiny_weights, write_hf
 
@@ -322,7 +322,7 @@ def test_an_unreadable_source_is_one_error_line_naming_the_recipe_and_publishes_
     path = write("recipes/m/dev.yaml", "source: {path: ckpt.gguf}\n")
     fifo = path.parent / "ckpt.gguf"
     os.mkfifo(fifo)
-    proc = subprocess.run([sys.executable, "-m", "ane_build.cli", "status", "recipes/m/dev.yaml",
+    proc = subprocess.run([sys.executable, "-m", "ane_build.cli.main", "status", "recipes/m/dev.yaml",
                            "--recipes-dir", "recipes", "--artifacts", "artifacts"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 1 and proc.stdout == ""

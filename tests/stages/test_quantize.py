@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.stages import quantize
+from ane_build.util.errors import UserError
 from tests.stages.tiny_entries import TOKENIZER, ane, build, later_call_inputs
 from tests.tiny_llama import tiny_params
 

@@ -6,9 +6,10 @@ import tarfile
 import pytest
 from executorch.runtime import Runtime
 
-from ane_build import cost, keys
-from ane_build.errors import UserError
+from ane_build.analysis import cost
+from ane_build.cache import keys
 from ane_build.stages import release
+from ane_build.util.errors import UserError
 from tests.stages.tiny_export import (
     CORE_ML_STAND_IN,
     STAGE_KEYS,

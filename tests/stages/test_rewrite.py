@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from ane_build.checkpoint import canonical
-from ane_build.errors import UserError
 from ane_build.model import io
 from ane_build.model.ane_llama import AneLlama, flat_logits
 from ane_build.model.rewrites import DTYPES
 from ane_build.stages import rewrite
+from ane_build.util.errors import UserError
 from tests import float_bounds
 from tests.stages.tiny_entries import TOKENIZER, ane, convert_entry, later_call_inputs
 from tests.tiny_llama import tiny_params, tiny_weights

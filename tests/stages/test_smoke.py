@@ -1,8 +1,8 @@
 import pytest
 
-from ane_build.errors import UserError
 from ane_build.runtime import cpu_kernels
 from ane_build.stages import smoke
+from ane_build.util.errors import UserError
 from tests.stages.tiny_export import SMOKE, convert_entry, entries, read_json, released, run_smoke
 from tests.tiny_llama import tiny_params, tiny_weights
 

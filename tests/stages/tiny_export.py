@@ -12,7 +12,8 @@ would be built twice).
 import json
 import shutil
 
-from ane_build import cost, recipe
+from ane_build import recipe
+from ane_build.analysis import cost
 from ane_build.checkpoint import canonical
 from ane_build.model import io
 from ane_build.stages import export, quantize, release, rewrite, smoke

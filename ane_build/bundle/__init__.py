@@ -1,0 +1,1 @@
+"""The release bundle: its README for app developers, and its verification."""

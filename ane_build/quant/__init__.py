@@ -1,0 +1,1 @@
+"""Weight quantization the quantize stage applies: palettes, and a GGUF's own blocks."""

@@ -1,0 +1,1 @@
+"""Where checkpoints come from: pinned https downloads and the Hugging Face Hub."""

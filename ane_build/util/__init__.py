@@ -1,0 +1,2 @@
+"""Process plumbing every layer may use: the user's-mistake error, logs, memory, worker processes,
+and how a command ends."""

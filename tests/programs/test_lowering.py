@@ -1,0 +1,283 @@
+"""Each patch of ``lean_lowering`` answers as the ExecuTorch / torch code it stands in for."""
+
+import contextlib
+import copy
+import re
+
+import pytest
+import torch
+from executorch.exir.backend.canonical_partitioners import group_partitioner
+from torch.fx.passes.tools_common import legalize_graph
+
+from ane_build.model import io
+from ane_build.programs import lowering
+from ane_build.stages import export
+from tests.stages.tiny_entries import ane, build
+
+
+class Branchy(torch.nn.Module):
+    """Diamonds, a shared input and an unused branch: partitioners' dependency questions differ per node."""
+
+    def forward(self, x, y):
+        a = x.sin() + y
+        b = a.cos() * x
+        c = (a + b).relu()
+        unused = y.exp()  # noqa: F841 - a node with no users
+        return c - b, a.sum()
+
+
+@pytest.fixture(scope="module")
+def graph_module():
+    return torch.export.export(Branchy(), (torch.randn(4), torch.randn(4))).graph_module
+
+
+def test_dependency_viewer_answers_as_executorchs(graph_module):
+    ours, theirs = lowering._DependencyViewer(graph_module), group_partitioner._DependencyViewer(graph_module)
+    for node in graph_module.graph.nodes:
+        assert set(ours.downstreams_of(node)) == theirs.downstreams_of(node), node
+        assert set(ours.upstreams_of(node)) == theirs.upstreams_of(node), node
+        assert len(ours.downstreams_of(node)) == len(theirs.downstreams_of(node))
+        for other in graph_module.graph.nodes:
+            assert (other in ours.downstreams_of(node)) == (other in theirs.downstreams_of(node))
+    assert any(theirs.downstreams_of(n) for n in graph_module.graph.nodes)  # the graph has dependencies
+
+
+def test_in_place_sort_orders_as_legalize_graph(graph_module):
+    def shuffled():  # every other op moved to the end: out of order, as a partition cut leaves a graph
+        gm = copy.deepcopy(graph_module)
+        for node in [n for n in gm.graph.nodes if n.op == "call_function"][::2]:
+            gm.graph.output_node().prepend(node)
+        return gm
+
+    expected, ours = legalize_graph(shuffled()), shuffled()
+    lowering._topological_sort_in_place(ours.graph)
+    assert [n.name for n in ours.graph.nodes] == [n.name for n in expected.graph.nodes]
+    assert [n.name for n in ours.graph.nodes] != [n.name for n in shuffled().graph.nodes]
+    ours.graph.lint()
+
+
+def test_copy_shares_weights_and_nothing_else():
+    from torch.export import export as torch_export
+
+    program = torch_export(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
+    copied = lowering.copy_sharing_weights(program)
+    assert copied.graph_module is not program.graph_module
+    assert all(copied.state_dict[k] is program.state_dict[k] for k in program.state_dict)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_lean_lowering_writes_the_same_programs(tmp_path, monkeypatch, dtype):
+    """With and without the patches: the same twin, byte for byte, and the same Core ML program
+    but for the fresh UUIDs Core ML names its model and package files by (which also order
+    the package manifest's entries, so its lines are compared as a multiset)."""
+    entries, _ = build(tmp_path, "quantize", ane_params=ane(dtype=dtype, decode_method=True))
+    spec = io.read_spec(entries["quantize"])
+    metadata, settings = io.runner_metadata(spec), export.resolve({}, spec)
+
+    def lowered(name):
+        programs = export.load_programs(entries["quantize"], spec)
+        coreml = export.lower_coreml(programs, settings, dtype, metadata, seed="test")
+        twin = export.lower_twin(export.load_programs(entries["quantize"], spec), metadata)
+        sizes = [export.write_pte(coreml, tmp_path / f"{name}.pte"),
+                 export.write_pte(twin, tmp_path / f"{name}.twin.pte", quant_fusion=False)]
+        return (export.delegation_report(coreml), sizes, _without_uuids((tmp_path / f"{name}.pte").read_bytes()),
+                (tmp_path / f"{name}.twin.pte").read_bytes())
+
+    lean = lowered("lean")
+    monkeypatch.setattr(export, "lean_lowering", contextlib.nullcontext)
+    assert lowered("stock") == lean
+
+
+def _without_uuids(data):
+    uuid = rb"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    return sorted(re.sub(uuid, b"UUID", data).split(b"\n"))
+
+
+def test_node_sources_share_history_and_read_as_torchs(graph_module):
+    """A NodeSource made under lean_lowering reads as torch's own, history and all, without copying it."""
+    from torch.fx.traceback import NodeSource, NodeSourceAction
+
+    node = next(n for n in graph_module.graph.nodes if n.op == "call_function")
+    node.meta["from_node"] = [NodeSource(node, "earlier", NodeSourceAction.CREATE)]
+    stock = NodeSource(node, "pass", NodeSourceAction.REPLACE)
+    with lowering.lean_lowering():
+        lean = NodeSource(node, "pass", NodeSourceAction.REPLACE)
+    assert lean.to_dict() == stock.to_dict() and lean.print_readable() == stock.print_readable()
+    assert lean.from_node[0] is node.meta["from_node"][0]
+    assert stock.from_node[0] is not node.meta["from_node"][0]
+
+
+class LinearThenRelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(x).relu()
+
+
+class Scores(torch.nn.Module):
+    """Attention's batched matmuls and softmax, as the twin's attention partitions hold them."""
+
+    def forward(self, q, k, v):
+        return torch.bmm(torch.bmm(q, k).softmax(-1), v)
+
+
+@pytest.mark.parametrize("model, inputs, alone", [
+    (torch.nn.Linear(8, 4), (torch.randn(2, 8),), True),
+    (Scores(), (torch.randn(2, 3, 8), torch.randn(2, 8, 5), torch.randn(2, 5, 4)), True),
+    (LinearThenRelu(), (torch.randn(2, 8),), False),
+])
+def test_xnnpack_runs_only_the_linear_pass_on_linears_matmuls_and_softmaxes_alone(model, inputs, alone):
+    from executorch.backends.xnnpack._passes import (
+        ConvertToLinearPass,
+        XNNPACKPassManager,
+    )
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    config = EdgeCompileConfig(preserve_ops=[torch.ops.aten.linear.default])
+    program = to_edge(torch.export.export(model, inputs), compile_config=config).exported_program()
+    stock = XNNPACKPassManager(program).passes
+    with lowering.lean_lowering():
+        lean = XNNPACKPassManager(program).passes
+    assert lean == ([ConvertToLinearPass] if alone else stock) and len(stock) > 10
+
+
+def test_garbage_collection_is_restored_after_lowering():
+    import gc
+
+    before = gc.get_threshold()
+    with lowering.lean_lowering():
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[2] == 50
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+def test_a_functional_program_is_not_traced_again(graph_module):
+    exported = torch.export.export(Branchy(), (torch.randn(4), torch.randn(4)))
+    functional = exported.run_decompositions({})
+    assert functional.run_decompositions({}).graph_module.code == functional.graph_module.code  # what is skipped
+    with lowering.lean_lowering():
+        assert functional.run_decompositions({}) is functional
+        assert exported.run_decompositions({}) is not exported  # not functional yet
+        # torch's default table is a dict that compares equal to {}: it still decomposes
+        assert functional.run_decompositions(torch.export.default_decompositions()) is not functional
+
+
+def test_each_method_is_traced_once_before_its_edge_passes(monkeypatch):
+    """Made functional and decomposed (silu: the linears' partitioner keeps only linears) in one trace."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.program import _program
+
+    traces, seen = [], []
+    run_decompositions, generate = torch.export.ExportedProgram.run_decompositions, _program._generate_edge_program
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *args, **kwargs: traces.append(1) or run_decompositions(self, *args, **kwargs))
+    monkeypatch.setattr(_program, "_generate_edge_program",
+                        lambda *args, **kwargs: seen.append(len(traces)) or generate(*args, **kwargs))
+    program = torch.export.export(LinearThenSilu(), (torch.randn(2, 8),))
+
+    def lower():
+        traces.clear(), seen.clear()
+        manager = to_edge_transform_and_lower(program, partitioner=[export._twin_partitioner()()])
+        return seen[0], manager.exported_program().graph_module.code
+
+    stock = lower()
+    with lowering.lean_lowering():
+        lean = lower()
+    assert (stock[0], lean[0]) == (2, 1) and lean[1] == stock[1]
+
+
+class LinearThenSilu(LinearThenRelu):
+    def forward(self, x):
+        return torch.nn.functional.silu(self.linear(x))
+
+
+class Transposed(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.aten.t.default(x) * 2
+
+
+class Viewed(torch.nn.Module):
+    def forward(self, x):
+        return x.view(12) * 2
+
+
+class Sized(torch.nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0] * 4) + x.shape[0]
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize("name, rewritten", [("NormalizeTransposePass", Transposed),
+                                             ("ReplaceBrokenOpsWithFunctionalOpsPass", Viewed),
+                                             ("SymToTensorPass", Sized)])
+def test_edge_passes_skip_only_graphs_they_leave_as_they_are(name, rewritten):
+    from executorch.exir import passes
+
+    edge_pass = getattr(passes, name)
+    for model in (rewritten(), Doubled()):
+        dynamic = {"x": {0: torch.export.Dim("rows", min=2, max=8)}} if isinstance(model, Sized) else None
+        graph_module = torch.export.export(model, (torch.randn(3, 4),), dynamic_shapes=dynamic) \
+            .run_decompositions({}).graph_module
+        original = graph_module.code
+        stock = edge_pass()(copy.deepcopy(graph_module)).graph_module.code
+        with lowering.lean_lowering():
+            lean = edge_pass()(graph_module).graph_module
+        assert lean.code == stock
+        assert (lean is graph_module) == isinstance(model, Doubled)  # skipped only when idle
+        assert (stock != original) == isinstance(model, rewritten)  # the pass does rewrite its graph
+
+
+def test_fake_delegate_calls_answer_from_recorded_outputs(monkeypatch):
+    from executorch.exir import to_edge_transform_and_lower
+    from torch._higher_order_ops.executorch_call_delegate import (
+        executorch_call_delegate,
+    )
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    manager = to_edge_transform_and_lower(torch.export.export(LinearThenSilu(), (torch.randn(2, 8),)),
+                                          partitioner=[export._twin_partitioner()()])
+    lowered = manager.exported_program().graph_module.lowered_module_0
+    real = torch.randn(2, 8)
+    runs, module = [], lowered.original_module.module
+    monkeypatch.setattr(lowered.original_module, "module", lambda: runs.append(1) or module())
+
+    def call(x):
+        out = executorch_call_delegate(lowered, x)
+        return [(o.shape, o.stride(), o.dtype, type(o).__name__) for o in out], type(out)
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # as ExportPass makes it
+        fake = mode.from_tensor(real)
+        stock = call(fake)
+        with lowering.lean_lowering():
+            lean = call(fake)
+    assert lean == stock and stock[0][0][3] == "FakeTensor"
+    assert len(runs) == 1  # the stock call ran the partition; ours did not
+    stock_real = executorch_call_delegate(lowered, real)[0]
+    with lowering.lean_lowering():  # real tensors still run the partition
+        assert torch.equal(executorch_call_delegate(lowered, real)[0], stock_real)
+
+
+class MixedTypes(torch.nn.Module):
+    """An fp16 tensor times an fp32 one (a cast added), copies in a memory format (dim orders)."""
+
+    def forward(self, x, y):
+        return (x.half() * y).clone(memory_format=torch.contiguous_format) + y.to(torch.float16)
+
+
+@pytest.mark.parametrize("skip_dim_order", [False, True])
+def test_fused_edge_op_passes_write_the_same_edge_program(skip_dim_order):
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    program = torch.export.export(MixedTypes(), (torch.randn(2, 3), torch.randn(2, 3)))
+    config = EdgeCompileConfig(_skip_dim_order=skip_dim_order)
+    stock = to_edge(program, compile_config=config).exported_program().graph_module.code
+    with lowering.lean_lowering():
+        lean = to_edge(program, compile_config=config).exported_program().graph_module.code
+    assert lean == stock
+    assert stock.count("dtype = torch.float32") == 2  # the casts the mixed-dtype pass adds itself
+    assert ("_clone_dim_order" in stock) != skip_dim_order  # the memory format pass ran, or not
