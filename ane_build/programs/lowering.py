@@ -1,7 +1,12 @@
 """ExecuTorch 1.5's lowering, same programs out, in less time and memory.
 
-``lean_lowering()`` wraps ``to_edge_transform_and_lower`` (see its list of what it changes).
-Each patch is checked against the code it stands in for (tests/test_lowering.py).
+``lean_lowering()`` wraps ``to_edge_transform_and_lower`` with the patches of ``PATCHES``, each
+of which says what it replaces (on torch 2.13, ExecuTorch 1.5.1, coremltools 9.0), the upstream
+issue or PR where one exists, and when it can go. Each is checked against the code it stands
+in for (tests/programs/test_lowering.py), and each pays: leaving it out of the default recipe's
+export costs at least 5% of the stage's time or memory (``benchmarks/lowering_patches.py``).
+``ANE_BUILD_LOWERING_WITHOUT=name,...`` leaves patches out, for that benchmark: the programs
+are the same bytes either way, so it is in no key.
 """
 
 import collections
@@ -9,112 +14,208 @@ import contextlib
 import copy
 import gc
 import importlib
+import logging
 import operator
+import os
 import sys
 import unittest.mock
+from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Patch:
+    why: str  # what the stock code does, and what the patch does instead
+    target: str  # what it replaces
+    upstream: str  # the upstream issue or PR, or "none filed"
+    remove_when: str
+
+
+PATCHES = {
+    "dependency_viewer": Patch(
+        "Partitioners' _DependencyViewer holds every node's downstream nodes as a Python set: N^2/2 "
+        "entries, ~1 GB for SmolLM2-135M's twin (3,500 nodes). One bit set per node answers the same "
+        "questions in MBs.",
+        "torch.fx.passes.infra.partitioner._DependencyViewer (torch 2.13) and ExecuTorch 1.5.1's "
+        "canonical_partitioners.group_partitioner._DependencyViewer",
+        "pytorch/pytorch#175242 (open: the partitioner's dependency map in O(V) memory)",
+        "torch's and ExecuTorch's partitioners no longer keep a set of downstream nodes per node"),
+    "sort_in_place": Patch(
+        "Cutting out each partition re-sorts the graph into a new one and regenerates its Python code: "
+        "0.25 s a partition, 30 s for the twin's 121. Here the nodes move into the same order in "
+        "place, and the code is generated once at the end.",
+        "executorch.exir.lowered_backend_module.legalize_graph and backend_api._create_partitions "
+        "(ExecuTorch 1.5.1)",
+        "none filed",
+        "ExecuTorch stops re-sorting and recompiling the graph per partition"),
+    "shared_node_history": Patch(
+        "Each node a pass re-creates records its source with a deep copy of that node's whole "
+        "history, which grows with every pass: a tenth of a lowering. Here the history is shared "
+        "(torch never changes a recorded NodeSource).",
+        "torch.fx.traceback.NodeSource.__init__ (torch 2.13)",
+        "none filed",
+        "torch's NodeSource stops deep-copying the history of the node it records"),
+    "trace_once": Patch(
+        "Each method is traced twice before its edge passes: once to make it functional, once more "
+        "to decompose what its partitioner does not keep (a tenth of a lowering each). Here the one "
+        "trace does both, with the kept ops asked of the program as exported.",
+        "executorch.exir.program._program._apply_pre_decomposition_transforms (ExecuTorch 1.5.1) and "
+        "torch.export.ExportedProgram.run_decompositions (torch 2.13)",
+        "none filed",
+        "to_edge_transform_and_lower decomposes in the trace that makes a program functional"),
+    "idle_edge_passes": Patch(
+        "Of ExecuTorch's ~10 edge passes, each re-tracing the whole program (a second a method), "
+        "three change nothing in a graph without what they rewrite (aten.t, view ops, symbolic "
+        "values): on such a graph they are skipped.",
+        "NormalizeTransposePass, ReplaceBrokenOpsWithFunctionalOpsPass, SymToTensorPass .call "
+        "(ExecuTorch 1.5.1)",
+        "none filed",
+        "those passes return early on a graph without what they rewrite"),
+    "fused_edge_op_passes": Patch(
+        "The last three aten-to-edge passes (mixed dtypes cast, ATen ops made edge ops, memory "
+        "formats made dim orders) each rewrite one op at a time and hand it on, each re-tracing the "
+        "program: here they run as one pass, each op through the three in turn.",
+        "executorch.exir.program._program._get_aten_to_edge_passes, OpReplacePass, "
+        "MemoryFormatOpsPass (ExecuTorch 1.5.1)",
+        "none filed",
+        "ExecuTorch runs its per-op edge passes as one"),
+    "fake_delegate_calls": Patch(
+        "Each pass over a lowered program runs every delegated partition on fake tensors just for "
+        "the shapes of its outputs (a second per Core ML partition). Here those come from the "
+        "partition's own recorded output values, when their shapes are static.",
+        "torch._higher_order_ops.executorch_call_delegate.call_delegate_cpu (torch 2.13)",
+        "none filed",
+        "the delegate call's fake-tensor rule reads the lowered module's recorded outputs"),
+    "weight_sharing_copies": Patch(
+        "Backends preprocess deep copies of all partitions, weights included, made up front. The "
+        "Core ML and XNNPACK backends get copies sharing the weights (neither writes to them).",
+        "CoreMLBackend and XnnpackBackend .copy_exported_program_for_preprocess (ExecuTorch 1.5.1)",
+        "none filed",
+        "ExecuTorch lets a backend declare that it does not write to the weights"),
+    "xnnpack_linear_pass_only": Patch(
+        "XNNPACK runs its 17 passes on each partition (the twin has 181 per method), each a fresh "
+        "program. On a partition of linears, batched matmuls and softmaxes alone only its linear "
+        "conversion can apply, so such a partition gets that one pass, as ExecuTorch's own "
+        "dynamic-quantized linears do.",
+        "executorch.backends.xnnpack._passes.XNNPACKPassManager.__init__ (ExecuTorch 1.5.1)",
+        "pytorch/executorch#1893 (closed: XNNPACK preprocess slow from running every transform pass)",
+        "XNNPACK's preprocess runs only the passes whose ops a partition holds"),
+    "coreml_validate_once": Patch(
+        "coremltools checks the whole MIL program after each of its ~110 passes, a quarter of a "
+        "conversion, and after each of the ~110 it skips when merging methods into one "
+        "multifunction model. The checks only raise; here they run after the passes that ask for "
+        "the stricter scope check (dead code elimination, when it ran) and once at the end.",
+        "coremltools.converters.mil.mil.passes.pass_pipeline.PassPipelineManager.apply_pipeline "
+        "(coremltools 9.0)",
+        "none filed",
+        "coremltools validates once per pipeline"),
+    "frozen_gc": Patch(
+        "Python's cycle collector walks everything alive in each full pass (the libraries' ~700,000 "
+        "objects and the graphs): here it skips what was alive on entry and runs full passes 5x "
+        "rarer (frozen_garbage_collection).",
+        "the gc module's thresholds (CPython)",
+        "none (not a bug: a lowering makes millions of short-lived objects)",
+        "never, while lowering allocates as it does"),
+}
+_MISSING_SAID = set()  # (patch, target) already reported missing in this process
 
 
 @contextlib.contextmanager
 def lean_lowering():
-    """ExecuTorch 1.5's ``to_edge_transform_and_lower`` with the same programs out, in less time and memory.
+    """ExecuTorch 1.5's ``to_edge_transform_and_lower`` with the same programs out, in less time
+    and memory: every patch of ``PATCHES`` but those ``ANE_BUILD_LOWERING_WITHOUT`` names. A
+    patch whose target this toolchain lacks is left out with one warning (that lowering is only
+    slower). Backends not imported yet are left alone (importing Core ML's costs 130 MB)."""
+    stale = {}  # id -> graph module sorted since its code was last generated
+    left_out = _left_out()
+    with contextlib.ExitStack() as stack:
+        for name, targets in _targets(stale).items():
+            for owner, attr, replacing in () if name in left_out else targets:
+                if hasattr(owner, attr):
+                    stack.enter_context(unittest.mock.patch.object(owner, attr, replacing(getattr(owner, attr))))
+                elif (name, attr) not in _MISSING_SAID:
+                    _MISSING_SAID.add((name, attr))
+                    log.warning("lean_lowering: %s has no %s: patch %s left out", owner, attr, name)
+        if "frozen_gc" not in left_out:
+            stack.enter_context(frozen_garbage_collection())
+        yield
+        _recompile(stale)
 
-    - Partitioners' ``_DependencyViewer`` (torch's, ExecuTorch's) holds every node's downstream
-      nodes as a Python set: N^2/2 entries, ~1 GB for SmolLM2-135M's twin (3,500 nodes). One
-      bit set per node answers the same questions in MBs.
-    - Cutting out each partition re-sorts the graph into a new one and regenerates its Python
-      code: 0.25 s a partition, 30 s for the twin's 121. Here the nodes move into the very same
-      order in place, and the code is generated once at the end.
-    - Backends preprocess deep copies of all partitions, weights included, made up front. The
-      Core ML and XNNPACK backends get copies sharing the weights (neither writes to them).
-    - coremltools checks the whole MIL program after each of its ~110 passes, a quarter of a
-      conversion, and after each of the ~110 it skips when merging methods into one
-      multifunction model. The checks only raise; here they run after the passes that ask for
-      the stricter scope check (dead code elimination, when it ran) and once at the end.
-    - Each node a pass re-creates records its source with a deep copy of that node's whole
-      history, which grows with every pass: a tenth of a lowering. Here the history is shared
-      (torch never changes a recorded NodeSource).
-    - Python's cycle collector skips what was alive on entry and runs full passes 5x rarer
-      (``frozen_garbage_collection``): it took an eighth of a lowering.
-    - Each method is traced twice before its edge passes: once to make it functional, once more
-      to decompose what its partitioner does not keep (a tenth of a lowering each). Here the
-      one trace does both, with the kept ops asked of the program as exported.
-    - Of ExecuTorch's ~10 edge passes, each re-tracing the whole program (a second a method),
-      three change nothing in a graph without what they rewrite (``aten.t``, view ops, symbolic
-      values): on such a graph they are skipped. The last three (mixed dtypes cast, ATen ops
-      made edge ops, memory formats made dim orders) each rewrite one op at a time and hand it
-      on: here they run as one pass, each op through the three in turn.
-    - Each pass over a lowered program runs every delegated partition on fake tensors just for
-      the shapes of its outputs (a second per Core ML partition). Here those come from the
-      partition's own recorded output values, when their shapes are static.
-    - XNNPACK runs its 17 passes on each partition (the twin has 181 per method), each a fresh
-      program. On a partition of linears, batched matmuls and softmaxes alone only its linear
-      conversion can apply (the others rewrite convolutions, norms, activations, concatenations,
-      copies, the rank-4 layout, and attention only when a mask is added inside), so such a
-      partition gets that one pass, as ExecuTorch's own dynamic-quantized linears do.
-    A patch whose target this ExecuTorch lacks is skipped (that lowering is only slower).
-    Backends not imported yet are left alone (importing Core ML's costs 130 MB).
-    """
+
+def _left_out():
+    names = {n for n in os.environ.get("ANE_BUILD_LOWERING_WITHOUT", "").split(",") if n}
+    if names - set(PATCHES):
+        raise ValueError(f"ANE_BUILD_LOWERING_WITHOUT: no patch {sorted(names - set(PATCHES))}; "
+                         f"expected names from {sorted(PATCHES)}")
+    return names
+
+
+def _targets(stale):
+    """{patch name: [(owner, attribute, the replacement made from the original), ...]} (frozen_gc is
+    a context, not a target)."""
     import torch.fx.passes.infra.partitioner as fx_partitioner
     from executorch.exir import lowered_backend_module
     from executorch.exir.backend import backend_api
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from executorch.exir.program import _program
-    stale = {}  # id -> graph module sorted since its code was last generated
 
     def legalize_in_place(graph_module):
         _topological_sort_in_place(graph_module.graph)
         stale[id(graph_module)] = graph_module
         return graph_module
 
-    def recompile_stale():
-        while stale:
-            stale.popitem()[1].recompile()
-
     def recompiling(create_partitions):
         def wrapper(*args, **kwargs):
             try:
                 return create_partitions(*args, **kwargs)
             finally:
-                recompile_stale()
+                _recompile(stale)
         return wrapper
 
-    patches = [(fx_partitioner, "_DependencyViewer", _DependencyViewer),
-               (group_partitioner, "_DependencyViewer", _DependencyViewer),
-               (lowered_backend_module, "legalize_graph", legalize_in_place),
-               (backend_api, "_create_partitions", recompiling(backend_api._create_partitions)),
-               (torch.fx.traceback.NodeSource, "__init__", _node_source_sharing_history),
-               (_program, "_apply_pre_decomposition_transforms",
-                _decomposing_up_front(_program._apply_pre_decomposition_transforms)),
-               (torch.export.ExportedProgram, "run_decompositions",
-                _functional_once(torch.export.ExportedProgram.run_decompositions))]
-    patches += _idle_edge_passes() + _fused_edge_op_passes(_program)
     delegate_calls = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
-    patches.append((delegate_calls, "call_delegate_cpu", _answering_fake_calls(delegate_calls.call_delegate_cpu)))
     coreml = sys.modules.get("executorch.backends.apple.coreml.compiler.coreml_preprocess")
     xnnpack = sys.modules.get("executorch.backends.xnnpack.xnnpack_preprocess")
-    for backend in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)):
-        if backend:
-            patches.append((backend, "copy_exported_program_for_preprocess", classmethod(_copy_sharing_weights)))
-    if xnnpack:
-        from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    backends = [b for b in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)) if b]
+    return {
+        "dependency_viewer": [(fx_partitioner, "_DependencyViewer", _always(_DependencyViewer)),
+                              (group_partitioner, "_DependencyViewer", _always(_DependencyViewer))],
+        "sort_in_place": [(lowered_backend_module, "legalize_graph", _always(legalize_in_place)),
+                          (backend_api, "_create_partitions", recompiling)],
+        "shared_node_history": [(torch.fx.traceback.NodeSource, "__init__", _sharing_history)],
+        "trace_once": [(_program, "_apply_pre_decomposition_transforms", _decomposing_up_front),
+                       (torch.export.ExportedProgram, "run_decompositions", _functional_once)],
+        "idle_edge_passes": _idle_edge_passes(),
+        "fused_edge_op_passes": _fused_edge_op_passes(_program),
+        "fake_delegate_calls": [(delegate_calls, "call_delegate_cpu", _answering_fake_calls)],
+        "weight_sharing_copies": [(b, "copy_exported_program_for_preprocess", _always(classmethod(_copy_sharing_weights)))
+                                  for b in backends],
+        "xnnpack_linear_pass_only": _xnnpack_linear_pass_only() if xnnpack else [],
+        "coreml_validate_once": _coreml_validate_once() if coreml else [],
+    }
 
-        patches.append((XNNPACKPassManager, "__init__", _linear_pass_only(XNNPACKPassManager.__init__)))
-    if coreml:
-        from coremltools.converters.mil.mil.passes.pass_pipeline import (
-            PassPipelineManager,
-        )
 
-        patches.append((PassPipelineManager, "apply_pipeline",
-                        staticmethod(_validating_once(PassPipelineManager.apply_pipeline))))
-    with contextlib.ExitStack() as stack:
-        for owner, name, new in patches:
-            if hasattr(owner, name):
-                stack.enter_context(unittest.mock.patch.object(owner, name, new))
-        stack.enter_context(frozen_garbage_collection())
-        yield
-        recompile_stale()
+def _always(replacement):
+    return lambda original: replacement
+
+
+def _recompile(stale):
+    while stale:
+        stale.popitem()[1].recompile()
+
+
+def _xnnpack_linear_pass_only():
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    return [(XNNPACKPassManager, "__init__", _linear_pass_only)]
+
+
+def _coreml_validate_once():
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+
+    return [(PassPipelineManager, "apply_pipeline", lambda original: staticmethod(_validating_once(original)))]
 
 
 @contextlib.contextmanager
@@ -149,14 +250,14 @@ def _copy_sharing_weights(cls, program, compile_specs):
     return copy_sharing_weights(program)
 
 
-def _node_source_sharing_history(self, node, pass_name="", action=None):
-    _NODE_SOURCE_INIT(self, None, pass_name, action)
-    if node:
-        self.node_info = self.NodeInfo(name=node.name, target=str(node.target), graph_id=id(node.graph))
-        self.from_node = list(node.meta.get("from_node", ()))
-
-
-_NODE_SOURCE_INIT = torch.fx.traceback.NodeSource.__init__
+def _sharing_history(init):
+    """``NodeSource.__init__`` recording ``node``'s history by reference, not by a deep copy."""
+    def __init__(self, node, pass_name="", action=None):
+        init(self, None, pass_name, action)
+        if node:
+            self.node_info = self.NodeInfo(name=node.name, target=str(node.target), graph_id=id(node.graph))
+            self.from_node = list(node.meta.get("from_node", ()))
+    return __init__
 
 
 def _idle_edge_passes():
@@ -177,21 +278,24 @@ def _idle_edge_passes():
         return node.op in ("placeholder", "call_function") and (
             "val" not in node.meta or isinstance(node.meta["val"], (torch.SymInt, torch.SymFloat, torch.SymBool)))
 
-    return [(NormalizeTransposePass, "call", _unless_idle(NormalizeTransposePass.call, transposes)),
-            (ReplaceBrokenOpsWithFunctionalOpsPass, "call", _unless_idle(ReplaceBrokenOpsWithFunctionalOpsPass.call, views)),
-            (SymToTensorPass, "call", _unless_idle(SymToTensorPass.call, symbolic))]
+    return [(NormalizeTransposePass, "call", _unless_idle(transposes)),
+            (ReplaceBrokenOpsWithFunctionalOpsPass, "call", _unless_idle(views)),
+            (SymToTensorPass, "call", _unless_idle(symbolic))]
 
 
-def _unless_idle(call, rewrites):
-    """An ExportPass's ``call`` returning the graph untouched when no node (in any submodule) is one it rewrites."""
+def _unless_idle(rewrites):
+    """Wraps an ExportPass's ``call`` to return the graph untouched when no node (in any submodule)
+    is one it ``rewrites``."""
     from executorch.exir.pass_base import PassResult
 
-    def run(self, graph_module):
-        graphs = [m.graph for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
-        if not any(rewrites(node) for graph in graphs for node in graph.nodes):
-            return PassResult(graph_module, False)
-        return call(self, graph_module)
-    return run
+    def wrap(call):
+        def run(self, graph_module):
+            graphs = [m.graph for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+            if not any(rewrites(node) for graph in graphs for node in graph.nodes):
+                return PassResult(graph_module, False)
+            return call(self, graph_module)
+        return run
+    return wrap
 
 
 def _answering_fake_calls(call_delegate_cpu):
@@ -241,18 +345,18 @@ def _fused_edge_op_passes(program_module):
         def call(self, graph_module):
             return PassResult(graph_module, False)
 
-    get_passes = program_module._get_aten_to_edge_passes
+    def fusing(get_passes):
+        def edge_passes(config):
+            pre, post = get_passes(config)
+            if not any(type(p) is RemoveMixedTypeOperators for p in pre):  # the fused pass would not run
+                raise RuntimeError("ExecuTorch's aten-to-edge passes changed; lean_lowering's fusion needs updating")
+            chain = (RemoveMixedTypeOperators, OpReplacePass) + (() if config._skip_dim_order else (MemoryFormatOpsPass,))
+            fused = type("FusedEdgeOpPasses", chain, {})
+            return [fused() if type(p) is RemoveMixedTypeOperators else p for p in pre], post
+        return edge_passes
 
-    def edge_passes(config):
-        pre, post = get_passes(config)
-        if not any(type(p) is RemoveMixedTypeOperators for p in pre):  # the fused pass would not run
-            raise RuntimeError("ExecuTorch's aten-to-edge passes changed; lean_lowering's fusion needs updating")
-        chain = (RemoveMixedTypeOperators, OpReplacePass) + (() if config._skip_dim_order else (MemoryFormatOpsPass,))
-        fused = type("FusedEdgeOpPasses", chain, {})
-        return [fused() if type(p) is RemoveMixedTypeOperators else p for p in pre], post
-
-    return [(program_module, "_get_aten_to_edge_passes", edge_passes),
-            (program_module, "OpReplacePass", Done), (program_module, "MemoryFormatOpsPass", Done)]
+    return [(program_module, "_get_aten_to_edge_passes", fusing),
+            (program_module, "OpReplacePass", _always(Done)), (program_module, "MemoryFormatOpsPass", _always(Done))]
 
 
 def _decomposing_up_front(apply_transforms):

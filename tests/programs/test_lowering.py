@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import gc
 import re
 
 import pytest
@@ -281,3 +282,29 @@ def test_fused_edge_op_passes_write_the_same_edge_program(skip_dim_order):
     assert lean == stock
     assert stock.count("dtype = torch.float32") == 2  # the casts the mixed-dtype pass adds itself
     assert ("_clone_dim_order" in stock) != skip_dim_order  # the memory format pass ran, or not
+
+
+def test_a_patch_left_out_by_name_is_not_applied_and_an_unknown_name_is_refused(monkeypatch):
+    from executorch.exir.program import _program
+
+    stock = _program._get_aten_to_edge_passes
+    monkeypatch.setenv("ANE_BUILD_LOWERING_WITHOUT", "fused_edge_op_passes,frozen_gc")
+    threshold = gc.get_threshold()
+    with lowering.lean_lowering():
+        assert _program._get_aten_to_edge_passes is stock and gc.get_threshold() == threshold
+    monkeypatch.setenv("ANE_BUILD_LOWERING_WITHOUT", "no_such_patch")
+    with pytest.raises(ValueError, match="no patch \\['no_such_patch'\\]"):
+        with lowering.lean_lowering():
+            pass
+
+
+def test_a_patch_whose_target_is_missing_is_said_once(monkeypatch, caplog):
+    from executorch.exir.program import _program
+
+    monkeypatch.delattr(_program, "_apply_pre_decomposition_transforms")
+    monkeypatch.setattr(lowering, "_MISSING_SAID", set())
+    for _ in range(2):
+        with lowering.lean_lowering():
+            pass
+    said = [r.getMessage() for r in caplog.records if "_apply_pre_decomposition_transforms" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("patch trace_once left out")
