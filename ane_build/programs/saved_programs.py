@@ -17,8 +17,15 @@ import torch
 
 
 def save(program, path):
+    """Write ``program`` without the source lines its nodes were traced from: they name this
+    checkout's folder, so the file (and the Core ML payload named after its bytes) would differ
+    between two clones of one commit."""
     from torch._export.serde import serialize
 
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("stack_trace", None)
     with unittest.mock.patch.object(serialize, "canonicalize", _unchecked):
         torch.export.save(program, path)
 
