@@ -75,18 +75,13 @@ def parser():
     status.add_argument("--artifacts", default="artifacts")
     status.add_argument("--strict", action="store_true", help="exit 1 if any recipe cannot be planned")
     status.set_defaults(func=cmd_status)
-    exporter = sub.add_parser("export", help="export a .pte from -p/-c files (the seed export.py's flags)",
-                              description=export_cli.__doc__)
-    export_cli.add_arguments(exporter).set_defaults(func=export_cli.main)
-    checker = sub.add_parser("verify", help="check a release bundle against its manifest.json",
-                             description=verify.__doc__)
-    verify.add_arguments(checker).set_defaults(func=verify.main)
-    run = sub.add_parser("run", help="generate text with an exported .pte (the seed run.py's flags)",
-                         description=runtime_cli.__doc__)
-    runtime_cli.add_arguments(run).set_defaults(func=runtime_cli.main)
-    linter = sub.add_parser("lint", help="report the ops of a .pte or .mlpackage that break Neural Engine rules",
-                            description=lint.__doc__)
-    lint.add_arguments(linter).set_defaults(func=lint.main)
+    for name, module, help_text in (
+            ("export", export_cli, "export a .pte from -p/-c files (the seed export.py's flags)"),
+            ("verify", verify, "check a release bundle against its manifest.json"),
+            ("run", runtime_cli, "generate text with an exported .pte (the seed run.py's flags)"),
+            ("lint", lint, "report the ops of a .pte or .mlpackage that break Neural Engine rules")):
+        command_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command_parser).set_defaults(func=module.main)
     ci.add_arguments(sub)
     return p
 
