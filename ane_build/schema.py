@@ -92,6 +92,11 @@ SCHEMA = {
         "max_mean_kld": Field(float, 0.05, minimum=0, help="fail above this mean KL divergence from fp32 "
                                                               "on the evaluation text"),
         "eval_tokens": Field(int, 512, minimum=0, help="tokens of the evaluation text scored (0: none)"),
+        "interpret_coreml": Field(bool, True, help="where smoke runs the twin (no Core ML backend), also run "
+                                                   "model.pte's Core ML program through the reference interpreter "
+                                                   "and hold it to the same gates"),
+        "coreml_eval_tokens": Field(int, 64, minimum=0, help="the first tokens of the evaluation text the interpreted "
+                                                             "Core ML program reads (at most eval_tokens; 0: none)"),
         "temperature": Field(float, 0.0, minimum=0, help="0 is greedy"),
     },
     "release": {

@@ -74,6 +74,27 @@ def test_smoke_ran_the_twin_and_passed_its_gate(built):
 
 
 @pytest.mark.slow
+def test_smoke_ran_the_core_ml_program_too_and_it_agrees_with_the_twin_within_the_fp16_bound(built):
+    """The shipped bytes themselves (model.pte's Core ML program, through the interpreter): smoke's gates,
+    and, call by call, within the fp16 bound of exact arithmetic that the twin is held to."""
+    from ane_build import recipe
+    from tests.runtime.test_coreml import check_within_the_fp16_bound, outputs_and_bounds
+
+    artifacts, _, _ = built
+    folder = artifacts / "recipes" / RECIPE
+    report = json.loads((folder / "smoke" / "smoke.json").read_text())
+    summary, settings = report["summary"], report["settings"]
+    assert report["coreml"]["eval_text"]["positions"] == 63
+    assert summary["coreml_min_top1_agreement"] >= settings["min_top1_agreement"]
+    assert summary["coreml_eval_top1_agreement"] >= settings["min_top1_agreement"]
+    assert summary["coreml_eval_mean_kld"] <= settings["max_mean_kld"]
+    assert "## The Core ML program" in (folder / "smoke" / "smoke.md").read_text()
+    quantize_params = recipe.load(ROOT / "recipes" / f"{RECIPE}.yaml", ROOT / "recipes")["quantize"]
+    check_within_the_fp16_bound(outputs_and_bounds({"rewrite": folder / "rewrite", "export": folder / "export"},
+                                                   quantize_params))
+
+
+@pytest.mark.slow
 def test_the_default_release_knows_the_capital_of_france(built):
     artifacts, _, _ = built
     report = json.loads((artifacts / "recipes" / RECIPE / "smoke" / "smoke.json").read_text())

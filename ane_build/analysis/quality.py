@@ -34,10 +34,12 @@ def eval_text():
     return text, hashlib.sha256(text.encode()).hexdigest()
 
 
-def score_text(program, tokenizer, reference, n_tokens):
+def score_text(program, tokenizer, reference, n_tokens, keep=None):
     """{"tokens", "top1_agreement", "mean_kld", ...} of ``program`` on the first ``n_tokens``
     tokens of the evaluation text (fewer if its KV cache holds fewer: past its window the
-    program rightly sees less than the reference)."""
+    program rightly sees less than the reference). ``keep``, a dict, receives the token ids and
+    both log-probabilities ("ids", "reference", "program": [positions, vocab]), for another
+    program to be compared at the same positions."""
     import torch
 
     from ane_build.runtime.kv_cache import KVCache, feed
@@ -50,6 +52,8 @@ def score_text(program, tokenizer, reference, n_tokens):
     cache = KVCache(program.info, program.methods)
     got = torch.stack([feed(program, cache, [token]).double() for token in ids[:-1]]).log_softmax(-1)
     want = reference(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
+    if keep is not None:
+        keep.update(ids=ids, reference=want, program=got)
     kld = (want.exp() * (want - got)).sum(-1).tolist()
     top1 = (want.argmax(-1) == got.argmax(-1)).int().tolist()
     result = {"source": f"pydoc_data.topics[{EVAL_TOPIC!r}]", "sha256": digest, "tokens": len(ids),

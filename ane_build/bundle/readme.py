@@ -115,7 +115,25 @@ def _quality(smoke):
     return ["## Quality", "",
             f"Measured by the build's smoke test on `{smoke['program']}` ({smoke['backend']}) against the fp32 "
             f"checkpoint: top-1 agreement at least {smoke['min_top1_agreement']:.3f} on the smoke prompts; "
-            f"{eval_line}. `smoke.md` shows the generations.", ""]
+            f"{eval_line}. `smoke.md` shows the generations.", "", *_coreml_quality(smoke)]
+
+
+def _coreml_quality(smoke):
+    """What smoke measured on the Core ML program itself (manifests from before it did say nothing)."""
+    if "coreml_min_top1_agreement" not in smoke or smoke["program"] == "model.pte":
+        return []
+    if smoke["coreml_min_top1_agreement"] is None:
+        return ["The Core ML program itself was not run by this build's smoke test: the numbers above are its "
+                "CPU twin's.", ""]
+    eval_line = ("" if smoke.get("coreml_eval_top1_agreement") is None else
+                 f"; on the first {smoke['coreml_eval_positions']} positions of the same text, top-1 agreement "
+                 f"{smoke['coreml_eval_top1_agreement']:.3f} and mean KL divergence "
+                 f"{smoke['coreml_eval_mean_kld']:.4f}")
+    return ["The Core ML program in `model.pte` itself, run by the smoke test on Linux through ane-build's "
+            "reference interpreter (each op in fp32, its output rounded to the program's dtype: a model of the Neural "
+            f"Engine's arithmetic): top-1 agreement with the fp32 checkpoint at least "
+            f"{smoke['coreml_min_top1_agreement']:.3f} on the smoke prompts{eval_line}; top-1 agreement with the "
+            f"CPU twin at least {smoke['coreml_twin_min_top1_agreement']:.3f}.", ""]
 
 
 def _speed(decode_cost):

@@ -5,16 +5,18 @@ import sys
 from pathlib import Path
 
 from ane_build.checkpoint import canonical, tokenizer_files
+from ane_build.runtime.coreml import open_pte
 from ane_build.runtime.generate import Generation
-from ane_build.runtime.program import PteProgram, open_eager
+from ane_build.runtime.program import open_eager
 from ane_build.runtime.sampling import Sampler
 from ane_build.runtime.tokenizer import TextStream, Tokenizer
 from ane_build.util.errors import UserError
 
 
 def add_arguments(parser):
-    parser.add_argument("-m", "--model", help="the .pte to run: model.pte where the Core ML backend is (macOS), "
-                                              "else its CPU twin, twin.pte")
+    parser.add_argument("-m", "--model", help="the .pte to run: model.pte (on Core ML where its backend is, "
+                                              "macOS; elsewhere through the reference interpreter, slowly), or "
+                                              "its CPU twin, twin.pte")
     parser.add_argument("-t", "--tokenizer", help="tokenizer.model or tokenizer.json (default: the one beside "
                                                   "the model or the checkpoint)")
     parser.add_argument("--prompt", default="Once upon a time,")
@@ -54,7 +56,7 @@ def main(args):
     for token in generation:
         print(stream.push(token), end="", flush=True)
     print(stream.flush())
-    print(speeds(generation.stats), file=sys.stderr)
+    print(speeds(generation.stats, getattr(program, "interpreted", False)), file=sys.stderr)
     return 0
 
 
@@ -69,10 +71,12 @@ def open_program(args):
         return open_eager(args.checkpoint, args.params, **shape_flags), Path(args.checkpoint)
     if not args.model:
         raise UserError("-m/--model", "required: the .pte to run (or --use_eager with -c/--checkpoint)")
-    return PteProgram(args.model, **shape_flags), Path(args.model)
+    return open_pte(args.model, **shape_flags), Path(args.model)
 
 
-def speeds(stats):
+def speeds(stats, interpreted=False):
+    """The run's speeds; an interpreted Core ML program's are the interpreter's, on this CPU, not a device's."""
+    where = "; the Core ML program through ane-build's reference interpreter on this CPU" if interpreted else ""
     return (f"prefill: {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f} s "
             f"({stats.prefill_tokens_per_second:.1f} tokens/s); decode: {stats.decode_calls} tokens in "
-            f"{stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.1f} tokens/s)")
+            f"{stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.1f} tokens/s){where}")

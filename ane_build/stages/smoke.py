@@ -12,10 +12,14 @@ continuation of ``n_steps`` tokens (greedy at temperature 0, else sampled with s
   first disagreement is where their free generations would part.
 
 The program is the Core ML ``model.pte`` where this runtime has the Core ML backend (macOS),
-else the CPU twin lowered from the same exported program (Linux). The entry holds
-``smoke.json`` (every number) and ``smoke.md`` (for people).
+else the CPU twin lowered from the same exported program (Linux). On Linux the Core ML
+program itself is then also run, through the reference interpreter, on the prompts' positions
+and a slice of the evaluation text, in a second process while the twin reads the text
+(``analysis.coreml_quality``; ``smoke.interpret_coreml``), and held to the same gates. The
+entry holds ``smoke.json`` (every number) and ``smoke.md`` (for people).
 """
 
+import contextlib
 import json
 import logging
 import re
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ane_build import schema
-from ane_build.analysis import quality
+from ane_build.analysis import coreml_quality, quality
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
 from ane_build.runtime import cpu_kernels
@@ -33,6 +37,7 @@ from ane_build.runtime.program import PteProgram
 from ane_build.runtime.sampling import Sampler
 from ane_build.runtime.tokenizer import TextStream, Tokenizer
 from ane_build.stages.export import MODEL_FILE, TWIN_FILE
+from ane_build.util import worker
 from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,12 +64,13 @@ def run(inputs, params, out_dir):
     reference = ReferenceLlama.from_checkpoint(inputs["convert"])
     log.info("smoke: %s on %s, %d prompt(s)", runtime["program"], runtime["backend"], len(params["prompts"]))
 
-    results = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
-    n_eval = params.get("eval_tokens", DEFAULTS["eval_tokens"].default)
-    evaluation = quality.score_text(program, tokenizer, reference, n_eval) if n_eval else None
-    summary = summarize(results, evaluation, runtime)
+    scored = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
+    results = [result for result, _ in scored]
+    evaluation, coreml, coreml_not_run = score_eval_and_coreml(export_dir, runtime, program, tokenizer, reference,
+                                                               scored, params)
+    summary = {**summarize(results, evaluation, runtime), **coreml_quality.summary(coreml)}
     report = {"runtime": runtime, "settings": {**params, "top_p": 1.0, "seed": SEED}, "summary": summary,
-              "prompts": results, "eval_text": evaluation}
+              "prompts": results, "eval_text": evaluation, "coreml": coreml, "coreml_not_run": coreml_not_run}
     # Written before the checks below, so a run by hand keeps the report of a program that fails them.
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out_dir / REPORT_MD).write_text(markdown(report))
@@ -72,7 +78,44 @@ def run(inputs, params, out_dir):
         check(result, params)
     if evaluation:
         check_eval(evaluation, params)
+    if coreml:
+        coreml_quality.check(coreml, params["min_top1_agreement"],
+                             params.get("max_mean_kld", DEFAULTS["max_mean_kld"].default))
     return summary
+
+
+def score_eval_and_coreml(export_dir, runtime, twin, tokenizer, reference, scored, params):
+    """(the evaluation text's scores, the Core ML check's report, why it did not run). The
+    interpreter reads model.pte in a second process (``worker``) while the twin reads the text."""
+    n_eval = params.get("eval_tokens", DEFAULTS["eval_tokens"].default)
+    results = [result for result, _ in scored]
+    eval_ids, not_run = coreml_plan(runtime, tokenizer, twin.info, params, n_eval)
+    interpreting = worker.beside_or_later(start="fork")(
+        coreml_quality.interpret, export_dir / MODEL_FILE, coreml_quality.sequences(results, eval_ids)) \
+        if not_run is None else contextlib.nullcontext()
+    with interpreting as interpreted:
+        kept = {}
+        evaluation = quality.score_text(twin, tokenizer, reference, n_eval, keep=kept) if n_eval else None
+        if not_run is not None:
+            return evaluation, None, not_run
+        done = interpreted()
+    if done["info"] != twin.info or done["methods"] != twin.methods:
+        raise UserError(str(export_dir), f"{MODEL_FILE} and {TWIN_FILE} state different shapes ({done['info']}, "
+                                         f"{done['methods']} against {twin.info}, {twin.methods})")
+    report = coreml_quality.report(done, results, [logprobs for _, logprobs in scored], evaluation, kept,
+                                   twin.info.dtype)
+    return evaluation, report, None
+
+
+def coreml_plan(runtime, tokenizer, info, params, n_eval):
+    """(the evaluation text's first tokens that the interpreted Core ML program reads, None) where
+    smoke interprets model.pte; else (None, why it does not)."""
+    if runtime["program"] == MODEL_FILE:
+        return None, "Smoke ran the Core ML program itself (this runtime has the Core ML backend)."
+    if not params.get("interpret_coreml", DEFAULTS["interpret_coreml"].default):
+        return None, "Not interpreted (smoke.interpret_coreml: false): every number above is the twin's."
+    n = min(params.get("coreml_eval_tokens", DEFAULTS["coreml_eval_tokens"].default), n_eval)
+    return tokenizer.prompt_ids(quality.eval_text()[0], info)[:min(n, info.cache_size)] if n else [], None
 
 
 def choose_program(registered_backends, dtype):
@@ -106,14 +149,15 @@ def smoke_prompt(program, tokenizer, reference, prompt, params):
     stream = TextStream(tokenizer, prompt_ids)
     text = "".join(stream.push(token) for token in generated) + stream.flush()
 
-    predicted, expected = watch.argmaxes, reference_choices(reference, prompt_ids, continuation)
+    reference_logprobs = reference_along(reference, prompt_ids, continuation)
+    predicted, expected = watch.argmaxes, reference_logprobs.argmax(-1).tolist()
     agreeing = sum(p == e for p, e in zip(predicted, expected))
     stats = generation.stats
     result = {
         "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": generated, "text": text,
         "top1_agreement": agreeing / len(predicted), "agreeing_positions": agreeing, "positions": len(predicted),
         "first_divergence": next((i for i, (p, e) in enumerate(zip(predicted, expected)) if p != e), None),
-        "reference_ids": expected, "program_ids": predicted,
+        "reference_ids": expected, "program_ids": predicted, "continuation_ids": continuation,
         # Every logit vector was checked (a non-finite one fails the stage at once).
         "finite_logits_checked": len(watch.argmaxes),
         "prefill": {"tokens": stats.prompt_tokens, "seconds": stats.prefill_seconds,
@@ -123,19 +167,21 @@ def smoke_prompt(program, tokenizer, reference, prompt, params):
     }
     log.info("smoke %r -> %r: top-1 agreement %.3f, decode %.1f tokens/s", prompt, text, result["top1_agreement"],
              stats.decode_tokens_per_second)
-    return result
+    # Each position's log-probabilities, for the Core ML program to be compared with.
+    return result, {"reference": reference_logprobs, "twin": torch.stack(watch.logprobs)}
 
 
 class FiniteWatch:
     """A sampler that first refuses logits holding a NaN or inf (sampling would fail on them, or
-    pick a meaningless token), and keeps each one's argmax."""
+    pick a meaningless token), and keeps each one's argmax and log-probabilities."""
 
     def __init__(self, sampler, prompt):
-        self.sampler, self.prompt, self.argmaxes = sampler, prompt, []
+        self.sampler, self.prompt, self.argmaxes, self.logprobs = sampler, prompt, [], []
 
     def __call__(self, logits):
         check_finite(logits, self.prompt, f"generated token {len(self.argmaxes)}")
         self.argmaxes.append(int(logits.argmax()))
+        self.logprobs.append(logits.double().log_softmax(-1))
         return self.sampler(logits)
 
 
@@ -145,11 +191,11 @@ def check_finite(logits, prompt, where):
                                  "exported program is broken")
 
 
-def reference_choices(reference, prompt_ids, continuation):
-    """The reference's argmax after the prompt and after each token of ``continuation`` but the
-    last, from one pass over them all."""
+def reference_along(reference, prompt_ids, continuation):
+    """The reference's log-probabilities after the prompt and after each token of ``continuation``
+    but the last, from one pass over them all."""
     logits = reference(torch.tensor([prompt_ids + continuation[:-1]]))[0, len(prompt_ids) - 1:]
-    return logits.argmax(-1).tolist()
+    return logits.double().log_softmax(-1)
 
 
 def summarize(results, evaluation, runtime):
@@ -221,6 +267,7 @@ def markdown(report):
         divergence = "none" if r["first_divergence"] is None else r["first_divergence"]
         lines.append(f"| {_cell(r['prompt'])} | {r['top1_agreement']:.3f} | {divergence} |")
     lines += _eval_lines(report["eval_text"], settings)
+    lines += coreml_quality.markdown(report.get("coreml"), report.get("coreml_not_run"))
     for r in report["prompts"]:
         fence = _fence(r["prompt"] + r["text"])
         lines += ["", f"## {_cell(r['prompt'])}", "", fence, r["prompt"] + r["text"], fence]
