@@ -220,7 +220,7 @@ def delegation_report(manager):
     )
 
     methods = {}
-    for method in manager.methods:
+    for method in sorted(manager.methods):  # a set: its order changes with each process's string hashing
         graph_module = manager.exported_program(method).graph_module
         delegated, cpu, partitions = Counter(), Counter(), 0
         for node in _calls(graph_module):

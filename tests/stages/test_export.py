@@ -216,3 +216,17 @@ def test_a_bad_jobs_setting_is_one_line_before_any_work(xor_entry, tmp_path, mon
         export.run({"quantize": xor_entry}, {"require_full_delegation": False}, out)
     assert str(err.value).startswith("ANE_BUILD_JOBS: expected 1 ") and str(err.value).endswith(f"got {value!r}")
     assert list(out.iterdir()) == []
+
+
+def test_the_delegation_report_lists_methods_in_one_order_whatever_the_managers():
+    """ExecuTorch keeps a program's methods in a set, whose order changes with each process's string
+    hashing: the report (a release file) must not."""
+    program = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(1, 4),))
+
+    class Manager:
+        methods = ["forward", "decode", "prefill"]
+
+        def exported_program(self, method):
+            return program
+
+    assert list(export.delegation_report(Manager())["methods"]) == ["decode", "forward", "prefill"]
