@@ -12,8 +12,6 @@ are the same bytes either way, so it is in no key.
 import collections
 import contextlib
 import copy
-import gc
-import importlib
 import logging
 import operator
 import os
@@ -35,14 +33,6 @@ class Patch:
 
 
 PATCHES = {
-    "dependency_viewer": Patch(
-        "Partitioners' _DependencyViewer holds every node's downstream nodes as a Python set: N^2/2 "
-        "entries, ~1 GB for SmolLM2-135M's twin (3,500 nodes). One bit set per node answers the same "
-        "questions in MBs.",
-        "torch.fx.passes.infra.partitioner._DependencyViewer (torch 2.13) and ExecuTorch 1.5.1's "
-        "canonical_partitioners.group_partitioner._DependencyViewer",
-        "pytorch/pytorch#175242 (open: the partitioner's dependency map in O(V) memory)",
-        "torch's and ExecuTorch's partitioners no longer keep a set of downstream nodes per node"),
     "sort_in_place": Patch(
         "Cutting out each partition re-sorts the graph into a new one and regenerates its Python code: "
         "0.25 s a partition, 30 s for the twin's 121. Here the nodes move into the same order in "
@@ -51,13 +41,6 @@ PATCHES = {
         "(ExecuTorch 1.5.1)",
         "none filed",
         "ExecuTorch stops re-sorting and recompiling the graph per partition"),
-    "shared_node_history": Patch(
-        "Each node a pass re-creates records its source with a deep copy of that node's whole "
-        "history, which grows with every pass: a tenth of a lowering. Here the history is shared "
-        "(torch never changes a recorded NodeSource).",
-        "torch.fx.traceback.NodeSource.__init__ (torch 2.13)",
-        "none filed",
-        "torch's NodeSource stops deep-copying the history of the node it records"),
     "trace_once": Patch(
         "Each method is traced twice before its edge passes: once to make it functional, once more "
         "to decompose what its partitioner does not keep (a tenth of a lowering each). Here the one "
@@ -82,13 +65,6 @@ PATCHES = {
         "MemoryFormatOpsPass (ExecuTorch 1.5.1)",
         "none filed",
         "ExecuTorch runs its per-op edge passes as one"),
-    "fake_delegate_calls": Patch(
-        "Each pass over a lowered program runs every delegated partition on fake tensors just for "
-        "the shapes of its outputs (a second per Core ML partition). Here those come from the "
-        "partition's own recorded output values, when their shapes are static.",
-        "torch._higher_order_ops.executorch_call_delegate.call_delegate_cpu (torch 2.13)",
-        "none filed",
-        "the delegate call's fake-tensor rule reads the lowered module's recorded outputs"),
     "weight_sharing_copies": Patch(
         "Backends preprocess deep copies of all partitions, weights included, made up front. The "
         "Core ML and XNNPACK backends get copies sharing the weights (neither writes to them).",
@@ -112,13 +88,6 @@ PATCHES = {
         "(coremltools 9.0)",
         "none filed",
         "coremltools validates once per pipeline"),
-    "frozen_gc": Patch(
-        "Python's cycle collector walks everything alive in each full pass (the libraries' ~700,000 "
-        "objects and the graphs): here it skips what was alive on entry and runs full passes 5x "
-        "rarer (frozen_garbage_collection).",
-        "the gc module's thresholds (CPython)",
-        "none (not a bug: a lowering makes millions of short-lived objects)",
-        "never, while lowering allocates as it does"),
 }
 _MISSING_SAID = set()  # (patch, target) already reported missing in this process
 
@@ -139,8 +108,6 @@ def lean_lowering():
                 elif (name, attr) not in _MISSING_SAID:
                     _MISSING_SAID.add((name, attr))
                     log.warning("lean_lowering: %s has no %s: patch %s left out", owner, attr, name)
-        if "frozen_gc" not in left_out:
-            stack.enter_context(frozen_garbage_collection())
         yield
         _recompile(stale)
 
@@ -154,12 +121,9 @@ def _left_out():
 
 
 def _targets(stale):
-    """{patch name: [(owner, attribute, the replacement made from the original), ...]} (frozen_gc is
-    a context, not a target)."""
-    import torch.fx.passes.infra.partitioner as fx_partitioner
+    """{patch name: [(owner, attribute, the replacement made from the original), ...]}."""
     from executorch.exir import lowered_backend_module
     from executorch.exir.backend import backend_api
-    from executorch.exir.backend.canonical_partitioners import group_partitioner
     from executorch.exir.program import _program
 
     def legalize_in_place(graph_module):
@@ -175,21 +139,16 @@ def _targets(stale):
                 _recompile(stale)
         return wrapper
 
-    delegate_calls = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
     coreml = sys.modules.get("executorch.backends.apple.coreml.compiler.coreml_preprocess")
     xnnpack = sys.modules.get("executorch.backends.xnnpack.xnnpack_preprocess")
     backends = [b for b in (getattr(coreml, "CoreMLBackend", None), getattr(xnnpack, "XnnpackBackend", None)) if b]
     return {
-        "dependency_viewer": [(fx_partitioner, "_DependencyViewer", _always(_DependencyViewer)),
-                              (group_partitioner, "_DependencyViewer", _always(_DependencyViewer))],
         "sort_in_place": [(lowered_backend_module, "legalize_graph", _always(legalize_in_place)),
                           (backend_api, "_create_partitions", recompiling)],
-        "shared_node_history": [(torch.fx.traceback.NodeSource, "__init__", _sharing_history)],
         "trace_once": [(_program, "_apply_pre_decomposition_transforms", _decomposing_up_front),
                        (torch.export.ExportedProgram, "run_decompositions", _functional_once)],
         "idle_edge_passes": _idle_edge_passes(),
         "fused_edge_op_passes": _fused_edge_op_passes(_program),
-        "fake_delegate_calls": [(delegate_calls, "call_delegate_cpu", _answering_fake_calls)],
         "weight_sharing_copies": [(b, "copy_exported_program_for_preprocess", _always(classmethod(_copy_sharing_weights)))
                                   for b in backends],
         "xnnpack_linear_pass_only": _xnnpack_linear_pass_only() if xnnpack else [],
@@ -218,27 +177,6 @@ def _coreml_validate_once():
     return [(PassPipelineManager, "apply_pipeline", lambda original: staticmethod(_validating_once(original)))]
 
 
-@contextlib.contextmanager
-def frozen_garbage_collection():
-    """Python's cycle collector leaves what is alive on entry alone, and runs full passes 5x rarer.
-
-    A lowering makes millions of short-lived objects, so the collector often runs a full pass,
-    each walking everything alive: torch's, ExecuTorch's and coremltools' modules too (~700,000
-    objects), and the graphs. In a one-process export of SmolLM2-135M, 31 full passes took 12 s
-    of ~90; frozen and at most one full pass per 50 second-generation ones (not 10), 7 s. What
-    is alive on entry (those modules, the programs being lowered) stays alive through the
-    lowering anyway; the young generations still free the short-lived cycles as before.
-    """
-    young, middle, _ = thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(young, middle, 50)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
-
-
 def copy_sharing_weights(program):
     """A deep copy of ``program`` whose weights are the program's own tensors (0.1 s, not 3 s)."""
     memo = {id(t): t for t in (*program.state_dict.values(), *program.constants.values())
@@ -248,16 +186,6 @@ def copy_sharing_weights(program):
 
 def _copy_sharing_weights(cls, program, compile_specs):
     return copy_sharing_weights(program)
-
-
-def _sharing_history(init):
-    """``NodeSource.__init__`` recording ``node``'s history by reference, not by a deep copy."""
-    def __init__(self, node, pass_name="", action=None):
-        init(self, None, pass_name, action)
-        if node:
-            self.node_info = self.NodeInfo(name=node.name, target=str(node.target), graph_id=id(node.graph))
-            self.from_node = list(node.meta.get("from_node", ()))
-    return __init__
 
 
 def _idle_edge_passes():
@@ -296,33 +224,6 @@ def _unless_idle(rewrites):
             return call(self, graph_module)
         return run
     return wrap
-
-
-def _answering_fake_calls(call_delegate_cpu):
-    """``executorch_call_delegate``'s CPU implementation, which on fake tensors gives fake outputs
-    shaped as the partition's recorded output values instead of running the partition."""
-    from torch._guards import detect_fake_mode
-    from torch.utils import _pytree as pytree
-
-    def call(lowered_module, *args):
-        program, fake_mode = lowered_module.original_module, detect_fake_mode(args)
-        values = _static_outputs(program)
-        if fake_mode is None or values is None:
-            return call_delegate_cpu(lowered_module, *args)
-        with fake_mode:
-            fakes = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in values]
-        return pytree.tree_unflatten(fakes, program.call_spec.out_spec)
-    return call
-
-
-def _static_outputs(program):
-    """The recorded values of ``program``'s user outputs; None unless each is a tensor of static shape."""
-    from torch.export.graph_signature import OutputKind
-
-    nodes, specs = program.graph.output_node().args[0], program.graph_signature.output_specs
-    values = [getattr(node, "meta", {}).get("val") for node, spec in zip(nodes, specs) if spec.kind == OutputKind.USER_OUTPUT]
-    static = all(isinstance(v, torch.Tensor) and all(isinstance(n, int) for n in (*v.shape, *v.stride())) for v in values)
-    return values if static else None
 
 
 def _fused_edge_op_passes(program_module):
@@ -419,60 +320,6 @@ def _validating_once(apply_pipeline):
             del prog.validate
         check()
     return apply
-
-
-class _DependencyViewer:
-    """What partitioners ask a ``_DependencyViewer``, from one bit set per node."""
-
-    def __init__(self, graph_module):
-        self._nodes = list(graph_module.graph.nodes)
-        self._index = {node: i for i, node in enumerate(self._nodes)}
-        self._down = self._closure(reversed(range(len(self._nodes))), lambda node: node.users)
-        self._up = None
-
-    def _closure(self, order, neighbours):  # walked as upstream walks: same answers on any graph
-        sets = [0] * len(self._nodes)
-        for i in order:
-            bits = 0
-            for other in neighbours(self._nodes[i]):
-                j = self._index[other]
-                bits |= sets[j] | (1 << j)
-            sets[i] = bits
-        return sets
-
-    def _nodes_of(self, sets, node):
-        i = self._index.get(node)
-        return _NodeSet(self._nodes, self._index, sets[i] if i is not None else 0)
-
-    def downstreams_of(self, node):
-        return self._nodes_of(self._down, node)
-
-    def upstreams_of(self, node):
-        if self._up is None:
-            self._up = self._closure(range(len(self._nodes)), lambda node: node.all_input_nodes)
-        return self._nodes_of(self._up, node)
-
-
-class _NodeSet:
-    """The nodes whose bits are set in ``bits``: what the partitioners do with a set (iterate, ``in``)."""
-
-    def __init__(self, nodes, index, bits):
-        self._nodes, self._index, self._bits = nodes, index, bits
-
-    def __iter__(self):
-        import numpy as np
-
-        if not self._bits:
-            return iter(())
-        raw = np.frombuffer(self._bits.to_bytes((self._bits.bit_length() + 7) // 8, "little"), np.uint8)
-        return map(self._nodes.__getitem__, np.flatnonzero(np.unpackbits(raw, bitorder="little")).tolist())
-
-    def __contains__(self, node):
-        i = self._index.get(node)
-        return i is not None and (self._bits >> i) & 1 == 1
-
-    def __len__(self):
-        return self._bits.bit_count()
 
 
 def _topological_sort_in_place(graph):
