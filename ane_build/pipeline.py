@@ -20,6 +20,7 @@ class Stage:
     version: int  # bump when the stage's output format changes without a source change
     sections: tuple  # the recipe sections this stage reads
     upstream: tuple  # the stages whose outputs it reads
+    flags: tuple = ()  # top-level recipe keys it also reads (``chat``): in its key, and added to its params
 
     @property
     def module_name(self):
@@ -33,11 +34,11 @@ class Stage:
 
 STAGES = (
     Stage("fetch", 1, ("source",), ()),
-    Stage("convert", 1, ("convert",), ("fetch",)),
+    Stage("convert", 1, ("convert",), ("fetch",), ("chat",)),
     Stage("rewrite", 1, ("ane",), ("convert",)),
     Stage("quantize", 1, ("quantize",), ("rewrite",)),
     Stage("export", 1, ("export",), ("quantize",)),
-    Stage("smoke", 1, ("smoke",), ("export", "convert")),
+    Stage("smoke", 1, ("smoke",), ("export", "convert"), ("chat",)),
     Stage("release", 1, ("release",), ("export", "smoke")),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -57,11 +58,15 @@ def key_params(stage, recipe, file_sha256):
         from ane_build.analysis import quality
 
         # The evaluation text comes with Python, and its bytes differ between some releases.
-        return {"smoke": recipe["smoke"], "eval_text_sha256": quality.eval_text()[1]}
+        return {"smoke": recipe["smoke"], **flags(stage, recipe), "eval_text_sha256": quality.eval_text()[1]}
     if stage.name == "release":
         # The bundle's manifest records the whole recipe (name and device too), so it is keyed on it.
         return {"recipe": recorded(recipe)}
-    return {section: recipe[section] for section in stage.sections}
+    return {**{section: recipe[section] for section in stage.sections}, **flags(stage, recipe)}
+
+
+def flags(stage, recipe):
+    return {flag: recipe[flag] for flag in stage.flags}
 
 
 def plan(recipe, file_sha256):
@@ -86,7 +91,8 @@ def naming_recipe(recipe):
 
 
 def run_params(stage, recipe, planned=None):
-    """What the stage's ``run`` receives: the recipe sections it reads (one section: that mapping).
+    """What the stage's ``run`` receives: the recipe sections it reads (one section: that mapping), and
+    its flags (``chat``).
 
     release gets the whole recipe and every stage key, for its manifest. fetch of a Hub source
     gets the commit its key was planned with: the branch it names may have moved since.
@@ -96,7 +102,7 @@ def run_params(stage, recipe, planned=None):
     if stage.name == "fetch" and "hf" in recipe["source"]:
         return {**recipe["source"], "revision": planned["fetch"][1]["params"]["commit"]}
     slices = {section: recipe[section] for section in stage.sections}
-    return next(iter(slices.values())) if len(slices) == 1 else slices
+    return {**(next(iter(slices.values())) if len(slices) == 1 else slices), **flags(stage, recipe)}
 
 
 def build(store, recipe, stage_name, planned):

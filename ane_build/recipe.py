@@ -206,10 +206,10 @@ def _check_rules(recipe, where):
     """Rules that span fields; each failure is one line naming the field."""
     _check_source(recipe["source"], where)
     ane = recipe["ane"]
-    cache = ane["cache_size"] if ane["cache_size"] is not None else ane["max_seq_length"] - ane["seq_length"]
-    if cache < 1 or cache + ane["seq_length"] > ane["max_seq_length"]:
-        raise UserError(where, f"ane.cache_size: cache_size + seq_length must be <= max_seq_length "
-                               f"({cache} + {ane['seq_length']} > {ane['max_seq_length']})")
+    cache = schema.cache_size(ane)
+    if not 1 <= cache < ane["max_seq_length"]:
+        raise UserError(where, f"ane.cache_size: expected 1 <= cache_size < max_seq_length "
+                               f"({ane['max_seq_length']}); got {cache}")
     _check_overrides(recipe["quantize"]["overrides"] or {}, where)
     _check_deployment_target(recipe, where)
     prompts = recipe["smoke"]["prompts"]

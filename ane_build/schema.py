@@ -30,6 +30,8 @@ SCHEMA = {
     "extends": Field(str, help="a base recipe, relative to this file's folder"),
     "description": Field(str, "", help="one line for humans"),
     "device": Field(str, "", help="the target device this recipe builds for"),
+    "chat": Field(bool, False, help="a chat-tuned model: prompts go through the checkpoint's chat template "
+                                    "(which convert requires and the release ships beside the tokenizer)"),
     "source": {
         "path": Field(str, help="a local checkpoint file or folder (relative to the recipe)"),
         "package": Field(str, help="an installed Python package holding the checkpoint"),
@@ -53,12 +55,17 @@ SCHEMA = {
         "seq_length": Field(int, 64, minimum=1, help="tokens per forward call"),
         "max_seq_length": Field(int, 1024, minimum=2, help="context length the caches are sized for"),
         "cache_size": Field(int, None, minimum=1, nullable=True,
-                            help="KV cache length; default max_seq_length - seq_length"),
+                            help="KV cache slots; default max_seq_length - 1 with a decode method (prefill and "
+                                 "decode share caches, as upstream's multifunction export), else "
+                                 "max_seq_length - seq_length"),
         "use_cache_list": Field(bool, True, help="one 4D cache per layer instead of one 5D tensor"),
         "target_split_size": Field(int, 1024, minimum=1, nullable=True,
                                    help="split linear out_features into chunks of this size"),
         "max_splits": Field(int, 8, minimum=1, help="at most this many chunks per linear"),
-        "decode_method": Field(bool, False, help="add a one-token decode method beside forward"),
+        "decode_method": Field(bool, False, help="upstream's multifunction form: forward decodes one token "
+                                                 "and prefill takes seq_length (else forward takes seq_length)"),
+        "verify_method": Field(bool, False, help="add verify: seq_length tokens, every position's logits "
+                                                 "(lookahead decoding; smoke scores text with it)"),
     },
     "quantize": {
         "linear": Field(str, "c4w", choices=("none", "c4w", "b4w", "c8w", "lut4", "lut6", "source"),
@@ -95,8 +102,10 @@ SCHEMA = {
         "interpret_coreml": Field(bool, True, help="where smoke runs the twin (no Core ML backend), also run "
                                                    "model.pte's Core ML program through the reference interpreter "
                                                    "and hold it to the same gates"),
-        "coreml_eval_tokens": Field(int, 64, minimum=0, help="the first tokens of the evaluation text the interpreted "
-                                                             "Core ML program reads (at most eval_tokens; 0: none)"),
+        "coreml_eval_tokens": Field(int, 512, minimum=0, help="the first tokens of the evaluation text the "
+                                                              "interpreted Core ML program reads (at most eval_tokens; "
+                                                              "0: none): through its verify method, 64 a call, if it "
+                                                              "has one, else one a call (~90 ms each on SmolLM2)"),
         "temperature": Field(float, 0.0, minimum=0, help="0 is greedy"),
     },
     "release": {
@@ -114,6 +123,13 @@ SOURCE_KINDS = {
 # Mappings that choose one kind among several, each kind with keys of its own: a recipe's
 # replaces its base's whole, since keys of two kinds merged together make no source.
 ONE_KIND = ("source",)
+
+
+def cache_size(ane):
+    """``ane.cache_size``, or its default for the other ``ane:`` settings."""
+    if ane.get("cache_size") is not None:
+        return ane["cache_size"]
+    return ane["max_seq_length"] - (1 if ane.get("decode_method") else ane["seq_length"])
 
 
 def _type_name(t):

@@ -37,7 +37,7 @@ def host_tokens_per_second(twin, method, calls=20):
     from ane_build.runtime.program import PteProgram
 
     program = PteProgram(twin)
-    cache = KVCache(program.info, program.methods)
+    cache = KVCache(program.info, program.methods, program.rope)
     feed(program, cache, list(range(100, 132)))  # a prompt's worth in the cache first
     seconds = []
     for token in range(calls):

@@ -66,7 +66,7 @@ def measure(store, base, name, eval_tokens):
     planned = pipeline.plan(rec, store.hasher)
     for stage in ("fetch", "convert", "rewrite", "quantize", "export"):
         entry, _ = pipeline.build(store, rec, stage, planned)
-    params = {**rec["smoke"], **NO_GATES, "eval_tokens": eval_tokens}
+    params = {**rec["smoke"], "chat": rec["chat"], **NO_GATES, "eval_tokens": eval_tokens}
     with tempfile.TemporaryDirectory() as out:
         inputs = {"export": entry, "convert": store.entry("convert", planned["convert"][0])}
         try:
@@ -106,7 +106,7 @@ def main():
     print(f"Evaluation text: {args.eval_tokens} tokens of pydoc_data.topics['naming'], teacher-forced;"
           " the program is the CPU twin.\n")
     print("| scheme | top-1 (eval) | mean KLD (eval) | top-1 (prompts, worst) | model.pte MB | per-block scales "
-          "| Pareto | Pareto, NE-runnable only | after \"The capital of France is\" |")
+          f"| Pareto | Pareto, NE-runnable only | after \"{base['smoke']['prompts'][-1]}\" |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r["mb"]):
         text = " ".join(r["france"].split())[:60].replace("|", "\\|")

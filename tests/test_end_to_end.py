@@ -98,8 +98,11 @@ def test_smoke_ran_the_core_ml_program_too_and_it_agrees_with_the_twin_within_th
 def test_the_default_release_knows_the_capital_of_france(built):
     artifacts, _, _ = built
     report = json.loads((artifacts / "recipes" / RECIPE / "smoke" / "smoke.json").read_text())
-    france = next(r for r in report["prompts"] if r["prompt"] == "The capital of France is")
-    assert france["text"].split()[0].strip(".,") == "Paris"
+    # A chat model: the prompt is a user's message, which the program read through the GGUF's chat template.
+    france = next(r for r in report["prompts"] if r["prompt"] == "What is the capital of France?")
+    assert france["rendered_prompt"].endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                              "<|im_start|>assistant\n")
+    assert "Paris" in france["text"].replace(".", " ").split()
 
 
 @pytest.mark.slow
@@ -107,7 +110,8 @@ def test_release_bundle_verifies(built):
     artifacts, _, _ = built
     bundle = artifacts / "release" / RECIPE
     names = {p.name for p in bundle.iterdir()}
-    assert {"model.pte", "tokenizer.json", "manifest.json", "smoke.md", "smollm2-135m-iphone15pro.tar.gz"} <= names
+    assert {"model.pte", "tokenizer.json", "chat_template.jinja", "manifest.json", "smoke.md",
+            "smollm2-135m-iphone15pro.tar.gz"} <= names
     for target in (bundle, bundle / "smollm2-135m-iphone15pro.tar.gz"):
         proc = subprocess.run([sys.executable, "-m", "ane_build.cli.main", "verify", str(target)],
                               capture_output=True, text=True)

@@ -80,8 +80,20 @@ def test_extends_missing_base(write):
 
 
 def test_cache_size_rule(write):
-    msg = load_err(write("r.yaml", SOURCE + "ane: {seq_length: 64, max_seq_length: 128, cache_size: 100}\n"))
-    assert "ane.cache_size: cache_size + seq_length must be <= max_seq_length" in msg
+    msg = load_err(write("r.yaml", SOURCE + "ane: {seq_length: 64, max_seq_length: 128, cache_size: 128}\n"))
+    assert "ane.cache_size: expected 1 <= cache_size < max_seq_length (128); got 128" in msg
+    # Without a decode method the default leaves room for one call of seq_length: none here.
+    msg = load_err(write("r.yaml", SOURCE + "ane: {seq_length: 128, max_seq_length: 128}\n"))
+    assert "ane.cache_size: expected 1 <= cache_size < max_seq_length (128); got 0" in msg
+    # The caches no longer need room for a call beside them (the mask covers the call's own tokens).
+    r = recipe.load(write("r.yaml", SOURCE + "ane: {seq_length: 64, max_seq_length: 128, cache_size: 100}\n"))
+    assert r["ane"]["cache_size"] == 100
+
+
+@pytest.mark.parametrize("decode_method, expected", [(True, 1023), (False, 1024 - 64)])
+def test_cache_size_default(write, decode_method, expected):
+    r = recipe.load(write("r.yaml", SOURCE + f"ane: {{decode_method: {str(decode_method).lower()}}}\n"))
+    assert schema.cache_size(r["ane"]) == expected
 
 
 @pytest.mark.parametrize("quantize", ["{linear: b4w}", "{linear: none, overrides: {output: c8w}}"])
@@ -221,3 +233,9 @@ def test_a_yaml_boolean_where_a_word_is_expected_says_to_quote_it(write, tmp_pat
     msg = load_err(write("recipes/m/dev.yaml", SOURCE + "export: {ane_lint: off}\n"), tmp_path / "recipes")
     assert msg.endswith("export.ane_lint: expected a string; got False (YAML reads off, on, no and yes as "
                         "true/false: quote the word)")
+
+
+def test_chat_says_whether_the_model_is_chat_tuned(write, tmp_path):
+    assert recipe.load(write("recipes/m/dev.yaml", SOURCE), tmp_path / "recipes")["chat"] is False
+    assert recipe.load(write("recipes/m/chat.yaml", SOURCE + "chat: true\n"), tmp_path / "recipes")["chat"] is True
+    assert "chat: expected true or false; got 'yes'" in load_err(write("r.yaml", SOURCE + "chat: 'yes'\n"))

@@ -37,3 +37,8 @@ def test_llama32_1b_recipe_builds_a_meta_checkpoint_stand_in(tmp_path):
     export_dir = tmp_path / "artifacts/recipes/mine/phone/export"
     assert (export_dir / "model.pte").is_file() and (export_dir / "tokenizer.model").is_file()
     assert "100.0% of ops delegated" in (export_dir / "delegation.txt").read_text()
+
+
+def test_the_instruct_model_is_used_through_its_chat_template_and_the_base_model_is_not():
+    chat = {path.parent.name: recipe.load(path, RECIPES)["chat"] for path in recipe.discover(RECIPES)}
+    assert chat == {"smollm2-135m": True, "llama3.2-1b": False}

@@ -152,7 +152,17 @@ INPUT_LOOKUPS = Allowance(
     "lookups into a constant table (the token embedding, RoPE rows) at indices computed from the inputs "
     "alone, with that index arithmetic and the table's dequantization: a few small ops before any Neural "
     "Engine work, which every Core ML LLM runs on the CPU for its embedding")
-ALLOWANCES = (INPUT_LOOKUPS,)
+# What upstream ExecuTorch's calling convention for static LLMs fixes, which our programs speak so
+# that its runners drive them (README, "Calling convention").
+UPSTREAM_CONVENTION = Allowance(
+    "upstream-convention", ("axis-16384", "last-axis"),
+    "the tensors upstream ExecuTorch's static-LLM calling convention fixes, so that its runners drive the "
+    "program: the logits of forward and prefill as one row of the vocabulary's width (the split LM head's "
+    "chunks joined by a reshape at the very end: one copy of a row, where the Neural Engine may hand it to "
+    "the CPU), and the mask over the shared cache and a call's own tokens, whose rows are cache_size + "
+    "seq_length wide in at least one method (they cannot be 64-byte multiples for both a 1-token and a "
+    "seq_length call: the prefill's 1087 fp16 columns of the default recipe pad 2 bytes in 2176)")
+ALLOWANCES = (INPUT_LOOKUPS, UPSTREAM_CONVENTION)
 
 
 @dataclass(frozen=True)
@@ -179,13 +189,25 @@ def lint_model(model):
         findings.append(Finding("weights-1gb", model.label, None, "model", model.label, (),
                                 f"{model.weight_bytes / 1e9:.2f} GB of weights"))
     for fn in model.functions:
-        lookups = input_lookups(fn)
+        lookups, fixed = input_lookups(fn), convention_tensors(fn)
         for rule_id, check in CHECKS.items():
             for op, detail in check(fn):
-                allowed = INPUT_LOOKUPS.id if op in lookups and rule_id in INPUT_LOOKUPS.rules else None
+                allowed = None
+                if op in lookups and rule_id in INPUT_LOOKUPS.rules:
+                    allowed = INPUT_LOOKUPS.id
+                elif {t.name for t in op.outputs} & fixed and rule_id in UPSTREAM_CONVENTION.rules:
+                    allowed = UPSTREAM_CONVENTION.id
                 findings.append(Finding(rule_id, model.label, fn.name, op.type, op.name, op.outputs, detail,
                                         allowed))
     return findings
+
+
+def convention_tensors(fn):
+    """The names of the tensors ``UPSTREAM_CONVENTION`` covers in ``fn``: the logits row (its only output
+    of rank 2; the caches' rows are rank 4) and the mask input (``model.ane_llama``'s ``attn_mask``:
+    Core ML keeps the exported program's input names, not its order)."""
+    logits = {name for name in fn.outputs if len(fn.tensors[name].shape or ()) == 2}
+    return logits | {t.name for t in fn.inputs if t.name == "attn_mask"}
 
 
 CHECKS = {}  # rule id -> check(function) yielding (op, detail) for each op breaking it

@@ -7,12 +7,12 @@ the interpreted program reads what the twin read, teacher-forced, and is compare
 position with the fp32 reference (the gates smoke applies to the twin apply to it too) and
 with the twin (how far conversion moved it):
 
-- each smoke prompt: the prompt in one call of the longest method (forward: the prefill),
+- each smoke prompt: the prompt in one call of the longest method (the prefill),
   then the twin's continuation one decode call per token: the positions smoke scores the
-  twin at;
-- the first ``coreml_eval_tokens`` tokens of the evaluation text, one token per call (the
-  positions ``quality.score_text`` scores first): a slice, as the interpreter takes ~90 ms a
-  decode call on SmolLM2-135M, against ~30 ms for the twin.
+  twin at, through the methods an app generates with;
+- the first ``coreml_eval_tokens`` tokens of the evaluation text (the positions
+  ``quality.score_text`` scores first), as the twin read them: seq_length positions per call
+  of the verify method where the program has one, else one token per call.
 
 ``interpret`` does the interpreter's part alone (smoke runs it in a second process while the
 twin reads the evaluation text); ``report`` compares its logits with the twin's and the
@@ -31,24 +31,23 @@ SUMMARY_KEYS = ("coreml_min_top1_agreement", "coreml_eval_top1_agreement", "core
                 "coreml_eval_positions", "coreml_twin_min_top1_agreement", "coreml_twin_max_mean_kld")
 
 
-def logits_along(program, prompt_ids, continuation):
-    """Logits [len(continuation), vocab] of ``program`` after the prompt (one call of its longest
-    method) and after each token of ``continuation`` but the last (one call each); a numpy array,
-    which crosses processes as plain bytes (torch's tensors go as shared memory, gone with the process)."""
-    import torch
+def logits_along(program, prompt_ids, continuation, verify):
+    """Logits [len(continuation), vocab] of ``program`` after the prompt and after each token of
+    ``continuation`` but the last (``kv_cache.teacher_forced``); a numpy array, which crosses
+    processes as plain bytes (torch's tensors go as shared memory, gone with the process)."""
+    from ane_build.runtime.kv_cache import KVCache, teacher_forced
 
-    from ane_build.runtime.kv_cache import KVCache, feed
-
-    cache = KVCache(program.info, program.methods)
-    rows = [feed(program, cache, prompt_ids)] + [feed(program, cache, [t]) for t in continuation[:-1]]
-    return torch.stack([r.clone() for r in rows]).numpy()
+    cache = KVCache(program.info, program.methods, program.rope)
+    return teacher_forced(program, cache, prompt_ids, continuation, verify).clone().numpy()
 
 
 def sequences(prompts, eval_ids):
-    """What the Core ML program reads: (prompt ids, continuation) of each of smoke's prompt results,
-    then the evaluation slice ``eval_ids`` (its first token as the prompt) when there is one."""
-    out = [(p["prompt_ids"], p["continuation_ids"]) for p in prompts]
-    return out + ([(eval_ids[:1], eval_ids[1:])] if eval_ids and len(eval_ids) > 1 else [])
+    """What the Core ML program reads: (prompt ids, continuation, through verify) of each of smoke's
+    prompt results, through the methods an app generates with, then the evaluation slice
+    ``eval_ids`` (its first token as the prompt) when there is one, through the verify method
+    where the program has one (as the twin read it)."""
+    out = [(p["prompt_ids"], p["continuation_ids"], False) for p in prompts]
+    return out + ([(eval_ids[:1], eval_ids[1:], True)] if eval_ids and len(eval_ids) > 1 else [])
 
 
 def interpret(path, token_sequences):
@@ -59,9 +58,11 @@ def interpret(path, token_sequences):
     started = time.perf_counter()
     program = CoreMLProgram(path)
     loaded = time.perf_counter()
-    logits = [logits_along(program, prompt, continuation) for prompt, continuation in token_sequences]
+    calls, run = [], program.run
+    program.run = lambda method, call: calls.append(method) or run(method, call)
+    logits = [logits_along(program, *sequence) for sequence in token_sequences]
     done = time.perf_counter()
-    calls = sum(len(continuation) for _, continuation in token_sequences)  # one position per call
+    calls = len(calls)
     log.info("interpreted %s: %d calls in %.1f s (loaded in %.1f s)", path, calls, done - loaded, loaded - started)
     return {"info": program.info, "methods": program.methods, "logits": logits, "calls": calls,
             "seconds": {"load": round(loaded - started, 2), "calls": round(done - loaded, 2)}}

@@ -12,7 +12,8 @@ Counted per call of a method taking S tokens, of which one is real when it decod
 - weights read: every linear (the LM head included) and norm, and the embedding rows of the
   S tokens (a gather reads only those);
 - MACs: the linears for S tokens, attention over the cache and the call's own S tokens, the
-  pick of the last real row, and the LM head once (the program returns only that row's logits);
+  pick of the last real row, and the LM head once (the program returns only that row's logits;
+  a verify method's, every position's: S times);
 - KV cache: every layer reads its whole cache and writes S new slots;
 - padding waste: the share of the call's per-token work spent on its S - 1 pad tokens, when a
   generation feeds it one token a call.
@@ -37,21 +38,23 @@ DEVICE_BANDWIDTH = {
 
 def costs(spec):
     """{method: its counts per call and per decoded token} for a program of ``spec`` (spec.json)."""
-    return {method: method_cost(spec, seq_length) for method, seq_length in io.methods(spec["ane"]).items()}
+    return {method: method_cost(spec, seq_length, every_position=method == io.VERIFY)
+            for method, seq_length in io.methods(spec["ane"]).items()}
 
 
-def method_cost(spec, seq_length):
+def method_cost(spec, seq_length, every_position=False):
     params, ane = spec["params"], spec["ane"]
     element = ELEMENT_BYTES[ane["dtype"]]
     weights = weight_bytes(spec["quantize"]["weight_groups"], params["dim"], seq_length)
     per_token, lm_head = token_macs(params, ane["cache_size"], seq_length), params["dim"] * params["vocab_size"]
+    # The last real row is picked by a one-hot matmul (S x dim); a verify call keeps every row.
+    pick, lm_head = (0, seq_length * lm_head) if every_position else (params["dim"], lm_head)
     kv_slot = 2 * params["n_layers"] * (params.get("n_kv_heads") or params["n_heads"]) * canonical.head_dim(params)
     kv_read, kv_written = kv_slot * ane["cache_size"] * element, kv_slot * seq_length * element
     return {
         "tokens_per_call": seq_length,
         "weight_bytes_per_call": weights,
-        # The last real row is picked by a one-hot matmul: S x dim.
-        "macs_per_call": seq_length * (per_token + params["dim"]) + lm_head,
+        "macs_per_call": seq_length * (per_token + pick) + lm_head,
         "kv_bytes_read_per_call": kv_read,
         "kv_bytes_written_per_call": kv_written,
         # One real token per call when decoding: the other S - 1 are padding.

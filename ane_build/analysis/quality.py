@@ -42,15 +42,15 @@ def score_text(program, tokenizer, reference, n_tokens, keep=None):
     program to be compared at the same positions."""
     import torch
 
-    from ane_build.runtime.kv_cache import KVCache, feed
+    from ane_build.runtime.kv_cache import KVCache, teacher_forced
 
     text, digest = eval_text()
     ids = tokenizer.prompt_ids(text, program.info)[:min(n_tokens, program.info.cache_size)]
     if len(ids) < 2:
         raise UserError("smoke.eval_tokens", f"{n_tokens} token(s) score no position; expected 0 (none) or 2 or more")
     # Position i predicts token i + 1 having read tokens 0..i.
-    cache = KVCache(program.info, program.methods)
-    got = torch.stack([feed(program, cache, [token]).double() for token in ids[:-1]]).log_softmax(-1)
+    cache = KVCache(program.info, program.methods, program.rope)
+    got = teacher_forced(program, cache, ids[:1], ids[1:], verify=True).double().log_softmax(-1)
     want = reference(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
     if keep is not None:
         keep.update(ids=ids, reference=want, program=got)

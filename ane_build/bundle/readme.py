@@ -74,36 +74,55 @@ def _loading(manifest):
             "```", "",
             f"The tokenizer is `{manifest['tokenizer']}` (ExecuTorch's `pytorch-tokenizers` reads it: "
             "`tokenizers::HFTokenizer` for a `.json`, `tokenizers::SPTokenizer` for a SentencePiece `.model`).", "",
-            "ExecuTorch's LLM runner (`ExecuTorchLLM`'s `TextRunner`, C++ `TextLLMRunner`) drives programs that "
-            "keep their KV cache inside and take `forward(tokens, input_pos)`. This program's caches belong to "
-            "the caller instead (inputs and outputs, as in ExecuTorch's static-shape Core ML llama example), so "
-            "drive it through `Module` as the next section says; ane-build's Python runner (`ane-build run`, "
-            "`ane_build/runtime/`) is a reference implementation of this loop.", ""]
+            *_chat(manifest),
+            "The program speaks upstream ExecuTorch's calling convention for static-shape LLMs with "
+            "caller-owned caches (`StaticAttentionIOManager`, `style=\"smart_mask\"`; "
+            "`examples/apple/coreml/llama/export_static_llm_coreml.py`), so upstream's "
+            "`run_static_llm_multifunction.py` drives it with `params.json` and the tokenizer, and ane-build's "
+            "runners (`ane-build run`, and the native runner under `runner/` with a C ABI) are references of "
+            "the loop the next section describes. ExecuTorch's `TextLLMRunner` (`ExecuTorchLLM`) does not: it "
+            "drives programs that keep their caches inside.", ""]
+
+
+def _chat(manifest):
+    """How a chat model reads a user's message (bundles from before chat templates say nothing)."""
+    if not manifest.get("chat_template"):
+        return []
+    chat = manifest["recipe"].get("chat")
+    return [f"`{manifest['chat_template']}` is the checkpoint's chat template (Jinja, as Hugging Face's "
+            "`tokenizer_config.json` holds it). "
+            + ("The model is chat-tuned: render the conversation with it (`add_generation_prompt` true; Hugging "
+               "Face's swift-transformers renders such templates on device), encode the text with the special "
+               "tokens it writes as those tokens and nothing added (the template writes bos where the model wants "
+               "one), and generate until a token of `eos_ids`, which include the one that ends the assistant's "
+               "turn. `ane-build run --chat` does this."
+               if chat else "The recipe did not build it as a chat model: its smoke prompts were plain text."), ""]
 
 
 def _calls(meta, manifest):
-    cache, n_kv, hd = meta["cache_size"], meta["n_kv_heads"], meta["head_dim"]
-    caches = (f"{meta['n_layers']} key caches `[1, {n_kv}, {hd}, {cache}]`, then {meta['n_layers']} value caches "
-              f"`[1, {n_kv}, {cache}, {hd}]`" if meta["use_cache_list"] else
-              f"one key cache `[{meta['n_layers']}, 1, {n_kv}, {hd}, {cache}]`, one value cache "
-              f"`[{meta['n_layers']}, 1, {n_kv}, {cache}, {hd}]`")
+    cache, n_kv, hd, n_layers = meta["cache_size"], meta["n_kv_heads"], meta["head_dim"], meta["n_layers"]
+    caches = (f"{n_layers} key caches, then {n_layers} value caches, each `[1, {n_kv}, {cache}, {hd}]`"
+              if meta["use_cache_list"] else
+              f"one key cache and one value cache, each `[{n_layers}, 1, {n_kv}, {cache}, {hd}]`")
     calls = ", ".join(f"`{name}` ({n} token{'s' if n > 1 else ''} per call)"
                       for name, n in sorted(manifest["methods"].items()))
     constants = ", ".join(f"`{name}` = {json.dumps(value)}" for name, value in sorted(meta.items()))
+    dtype = meta["dtype"]
     return ["## Calls", "",
-            f"Methods: {calls}. Each takes, in order: `tokens` `[1, S]` int64 (the call's tokens, padded with 0), "
-            "`input_pos` `[1]` int64 (the position of the first), `input_length` `[1]` int64 (how many are real), "
-            f"{caches} ({meta['dtype']}; keys are stored transposed, slot on the last axis), and `attn_mask` "
-            f"`[S, {cache}]` ({meta['dtype']}, additive, over the cache slots: 0 where a slot holds a past "
-            "token, a large negative value where it is empty; the call's own tokens see one another "
-            "causally without it).", "",
-            f"Each returns the logits of the last real token, `{manifest['logits_shape']}` (read them flat: "
-            "the vocabulary in order), then the call's new keys "
-            f"and values, `[1, {n_kv}, S, {hd}]` per layer. The caller writes the first `input_length` of "
-            f"them into its caches (keys transposed) at slots `position % {cache}` (a ring: past {cache} "
-            "positions the oldest is overwritten), opens those slots in the mask, and keeps counting "
-            "`input_pos` (rotary positions are absolute).", "",
-            f"Constant methods (no input, one value each): {constants}.", ""]
+            f"Methods: {calls}; they share the caches. Each takes, in order: `tokens` `[1, S]` int32 (the "
+            f"call's tokens, padded with 0); `mask` `[1, S, {cache} + S]` ({dtype}, additive: 0 where a row "
+            "may attend, a large negative value or -inf where not; the first columns are the cache slots, "
+            "open once filled, the last S the call's own tokens, causal); `freqs_cos` and `freqs_sin` "
+            f"`[S, {hd // 2}]` ({dtype}: rows `position .. position + S - 1` of the constant methods of the same "
+            f"names); {caches} ({dtype}); `last_valid_token_pos` `[1]` int64 (the index of the last real "
+            "token).", "",
+            f"Each returns the logits of that token, `[1, {meta['vocab_size']}]`, then the call's new key rows "
+            f"and then its new value rows, `[1, {n_kv}, S, {hd}]` per layer. The caller writes the real rows "
+            f"into its caches at slots `position % {cache}` (a ring: past {cache} positions the oldest is "
+            "overwritten), opens those slots in the mask, and keeps counting positions (rotary positions are "
+            "absolute).", "",
+            f"Constant methods (no input, one value each): {constants}; and `freqs_cos`, `freqs_sin` "
+            f"`[{meta['max_seq_length']}, {hd // 2}]`, the rotary table.", ""]
 
 
 def _quality(smoke):

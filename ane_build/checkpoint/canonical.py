@@ -12,7 +12,11 @@ A canonical checkpoint is a folder with:
   Meta's interleaved rotary layout. ``output.weight`` is always present, also for
   tied embeddings, so the seed's loader (which loads with ``strict=False``) gets it.
 - the tokenizer: ``tokenizer.model`` (SentencePiece or tiktoken) or ``tokenizer.json`` (HF).
-- ``checkpoint.json``: tokenizer file name, bos id, eos ids, source format, tied flag, and
+- ``chat_template.jinja`` (a checkpoint with a chat template only): its Jinja text as the checkpoint
+  states it (GGUF ``tokenizer.chat_template``, Hugging Face ``chat_template``), beside the tokenizer
+  as transformers saves it; later entries and the release bundle carry it with the tokenizer.
+- ``checkpoint.json``: tokenizer file name, chat template file name (or null), bos id, eos ids,
+  source format, tied flag, and
   for a GGUF with quantized linears ``source_blocks``: which weights have blocks (their GGUF
   type, bits and block size) and which linears' types are not carried.
 - ``blocks.safetensors`` (a GGUF with quantized linears only): each linear weight's blocks as
@@ -29,6 +33,7 @@ PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Checkpoint:
     source_format: str = ""
     tied_embeddings: bool = False
     source_blocks: object = None  # ane_build.checkpoint.blocks.Source of a GGUF, else None
+    chat_template: str | None = None  # the checkpoint's Jinja chat template, if it states one
 
 
 def head_dim(params):
@@ -101,8 +107,11 @@ def write(ckpt, out_dir):
     (out_dir / PARAMS_FILE).write_text(json.dumps(ckpt.params, indent=2, sort_keys=True) + "\n")
     if ckpt.tokenizer_name:
         (out_dir / ckpt.tokenizer_name).write_bytes(ckpt.tokenizer_bytes)
+    if ckpt.chat_template:
+        (out_dir / CHAT_TEMPLATE_FILE).write_bytes(ckpt.chat_template.encode())  # as is: no newline translation
     info = {
         "tokenizer": ckpt.tokenizer_name,
+        "chat_template": CHAT_TEMPLATE_FILE if ckpt.chat_template else None,
         "bos_id": ckpt.bos_id,
         "eos_ids": list(ckpt.eos_ids),
         "source_format": ckpt.source_format,
@@ -122,6 +131,12 @@ def read_params(ckpt_dir):
 
 def read_info(ckpt_dir):
     return json.loads((Path(ckpt_dir) / INFO_FILE).read_text())
+
+
+def update_info(ckpt_dir, **changes):
+    """Rewrite ``checkpoint.json`` with ``changes`` (for a check that needs the written tokenizer)."""
+    info = {**read_info(ckpt_dir), **changes}
+    (Path(ckpt_dir) / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def read_weights(ckpt_dir):

@@ -31,6 +31,7 @@ SUPPORTED_TYPES = tuple(GGMLQuantizationType[name] for name in (
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 # Llama 3.x rope scaling: llama.cpp stores the per-frequency divisors, not the recipe for them.
 ROPE_FREQS = "rope_freqs.weight"
+CHAT_TEMPLATE = "tokenizer.chat_template"
 _TOP_NAMES = {
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
@@ -70,7 +71,8 @@ def read(path):
              params["n_layers"], params["dim"], params["vocab_size"], tokenizer_name, bos, eos,
              ", tied embeddings" if tied else "")
     return canonical.Checkpoint(params, weights, tokenizer_name, tokenizer_bytes, bos, eos,
-                                source_format="gguf", tied_embeddings=tied, source_blocks=blocks)
+                                source_format="gguf", tied_embeddings=tied, source_blocks=blocks,
+                                chat_template=_chat_template(meta, where))
 
 
 def _open(path):
@@ -208,6 +210,15 @@ def _dequantize(tensor, where):
     values = quants.dequantize(tensor.data, tensor.tensor_type)
     # Copied out of the read-only memory map, and float32 whatever the source type.
     return torch.from_numpy(np.array(values, dtype=np.float32))
+
+
+def _chat_template(meta, where):
+    """The default chat template llama.cpp's converter copies from the model's tokenizer config (named
+    ones, ``tokenizer.chat_template.<name>``, are not used), or None."""
+    template = meta.get(CHAT_TEMPLATE)
+    if template is not None and not isinstance(template, str):
+        raise UserError(where, f"{CHAT_TEMPLATE} is {type(template).__name__}; expected a string (Jinja text)")
+    return template or None
 
 
 def _check_vocab(meta, params, where):

@@ -1,4 +1,4 @@
-"""Hugging Face Llama folders (config.json, *.safetensors, tokenizer) -> canonical checkpoint."""
+"""Hugging Face Llama folders (config.json, *.safetensors, tokenizer, chat template) -> canonical checkpoint."""
 
 import logging
 from pathlib import Path
@@ -12,6 +12,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 # tokenizer.json first: it is what transformers itself loads when both are present.
 TOKENIZER_PREFERENCE = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_CONFIG = "tokenizer_config.json"
 SUPPORTED = 'LlamaForCausalLM (model_type "llama")'
 
 _TOP_NAMES = {
@@ -51,7 +52,7 @@ def read(folder):
     log.info("read Hugging Face Llama: %d layers, %s, bos %s, eos %s",
              params["n_layers"], tok.path.name, bos, eos)
     return canonical.Checkpoint(params, weights, tok.path.name, tok.path.read_bytes(), bos, eos,
-                                source_format="hf", tied_embeddings=tied)
+                                source_format="hf", tied_embeddings=tied, chat_template=chat_template(folder))
 
 
 def check_architecture(config, path):
@@ -172,6 +173,30 @@ def _undo_rotary_permutation(weights, params):
         for proj, heads in (("wq", params["n_heads"]), ("wk", params["n_kv_heads"])):
             name = f"layers.{i}.attention.{proj}.weight"
             weights[name] = hf_to_meta_rotary(weights[name], heads, hd)
+
+
+def chat_template(folder):
+    """The folder's chat template as transformers finds it: ``chat_template.jinja`` (what it saves
+    since 4.47), else ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates of
+    which it takes "default"); None without one."""
+    saved = folder / canonical.CHAT_TEMPLATE_FILE
+    if saved.is_file():
+        try:
+            return saved.read_bytes().decode()
+        except UnicodeDecodeError as e:
+            raise UserError(str(saved), f"not UTF-8 text ({e.reason})") from None
+    config_path = folder / TOKENIZER_CONFIG
+    template = jsonfiles.read(config_path).get("chat_template") if config_path.is_file() else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise UserError(str(config_path), f"chat_template names templates {', '.join(map(str, named))} "
+                                              "but none \"default\", the one a chat without tools uses")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise UserError(str(config_path), f"chat_template is {type(template).__name__}; expected a string "
+                                          "(Jinja text) or a list of {name, template}")
+    return template or None
 
 
 def _special_ids(folder, config, tok):

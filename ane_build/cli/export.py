@@ -33,7 +33,8 @@ def add_arguments(parser):
     parser.add_argument("-c", "--checkpoint", required=True, help="weights: a .pth or .safetensors in Meta names")
     parser.add_argument("--seq_length", type=int, default=1, help="tokens per forward call")
     parser.add_argument("--max_seq_length", type=int, default=128, help="the context the caches cover")
-    parser.add_argument("--cache_size", type=int, help="KV cache length; default max_seq_length - seq_length")
+    parser.add_argument("--cache_size", type=int, help="KV cache slots; default max_seq_length - 1 with "
+                        "--decode_method, else max_seq_length - seq_length")
     parser.add_argument("-E", "--embedding-quantize", help="'bits,group', e.g. '4,32' (group 0: per channel)")
     parser.add_argument("--coreml-quantize", choices=["b4w", "c4w", "c8w"],
                         help="linear weights: 4 bits per block or channel (the seed's), 8 per channel")

@@ -3,33 +3,31 @@
 Parameter names are the canonical checkpoint's (``tok_embeddings.weight``,
 ``layers.N.attention.wq.weight`` ... ``output.weight``), so the model loads with
 ``load_state_dict(weights, strict=True, assign=True)`` and quantization/export code can
-pick layers by name. The rotary tables are non-persistent buffers, not state.
+pick layers by name.
 
-Calling convention (the seed's; one call processes ``seq_length`` tokens):
+Calling convention: upstream ExecuTorch's for static-shape LLMs (``StaticAttentionIOManager``
+with ``style="smart_mask"``, ``run_static_llm_multifunction.py``), so that its runners drive
+our programs. One call processes ``seq_length`` tokens (S), read from the input shape, never
+stored, so the same weights trace a 64-token prefill and a 1-token decode:
 
-- ``tokens`` [1, seq_length] int64: ``input_length`` real tokens, then the caller's padding;
-- ``input_pos`` [1] int64: absolute position of ``tokens[0, 0]``;
-- ``input_length`` [1] int64: the logits of position ``input_length - 1`` are returned;
+- ``tokens`` [1, S] int32: the real tokens, then the caller's padding;
+- ``attn_mask`` [1, S, cache_size + S]: additive, over the cache slots and then the call's own
+  tokens; the caller owns all of it, the causal block included (``attention_mask``);
+- ``freqs_cos`` / ``freqs_sin`` [S, head_dim / 2]: the rotary table's rows at the tokens'
+  positions; the caller slices them from the table (``io.rope_table``);
 - ``k_caches`` / ``v_caches``: either a list with one tensor per layer (the recipe's
-  ``use_cache_list``) or one tensor stacking them on a leading n_layers axis. A layer's
-  values are [1, n_kv_heads, cache_size, head_dim]; its keys are kept transposed,
-  [1, n_kv_heads, head_dim, cache_size] (the slot on the last axis, as upstream's static
-  attention can keep them): the scores are then a plain matmul of the queries with the
-  cache, and no call transposes a cache-sized tensor. Keys are stored rotated, so the slot
-  order inside a cache does not matter;
-- ``attn_mask`` [seq_length, cache_size]: additive, over the cache slots (see
-  ``attention_mask``); the new tokens see one another causally, which the model adds itself
-  (``causal_mask``): an input seq_length wider would break the Neural Engine's 64-byte rows
-  in a one-token call (961 columns).
+  ``use_cache_list``, upstream's form) or one tensor stacking them on a leading n_layers axis;
+  a layer's keys and values are both [1, n_kv_heads, cache_size, head_dim]. Keys are stored
+  rotated, so the slot order inside a cache does not matter;
+- ``last_valid_token_pos`` [1] int64: the position in the call whose logits are returned.
 
-It returns ``(logits, new_k, new_v)``: logits [1, vocab], or [1, n_chunks, vocab / n_chunks]
-when the LM head is split (``rewrites.SplitLinear``; ``flat_logits`` makes them [1, vocab]); new_k/new_v hold only the seq_length new
-slots per layer, both [1, n_kv_heads, seq_length, head_dim] (stacked on a leading n_layers
-axis without ``use_cache_list``): a key cache takes them transposed (``as_cached_keys``); the caller writes the first input_length of them
-into its cache (``SlidingCache`` is a minimal pure-torch caller for tests).
-
-seq_length is read from the input shape, never stored, so the same weights trace a
-64-token prefill and a 1-token decode.
+It returns ``(logits, new_k, new_v)``: logits [1, vocab] (upstream's form: the split LM head's
+chunks joined); without ``last_valid_token_pos`` (a verify method: upstream's full-logits
+form) every position's, as the LM head gives them ([1, S, n_chunks, vocab / n_chunks] when it
+is split, so no axis is the vocabulary's width). new_k/new_v hold only the S new
+rows per layer, [1, n_kv_heads, S, head_dim] (stacked on a leading n_layers axis without
+``use_cache_list``); the caller writes the real ones into its ring buffer
+(``runtime.kv_cache``; ``SlidingCache`` is a minimal pure-torch caller for tests).
 """
 
 import torch
@@ -37,7 +35,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ane_build.checkpoint import canonical
-from ane_build.checkpoint.rope import rope_frequencies
 from ane_build.model.reference import rms_norm
 
 # Not -inf: softmax subtracts the row max, and -inf - (-inf) is NaN wherever a row is fully
@@ -46,7 +43,7 @@ from ane_build.model.reference import rms_norm
 # itself, so that score + mask cannot overflow to -inf in fp16.
 MASK_MIN = torch.finfo(torch.float16).min / 2
 # The axis of a layer's key or value cache that holds its slots.
-KEY_SLOT_DIM, VALUE_SLOT_DIM = -1, -2
+SLOT_DIM = -2
 
 
 class RMSNorm(nn.Module):
@@ -78,16 +75,14 @@ class Attention(nn.Module):
         q = rotate(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
         k = rotate(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        # The new keys leave in the values' layout (head_dim last: one decoded token's keys in the
-        # cache's layout would be a 1-wide last axis, which the Neural Engine pads 32-fold).
-        keys = torch.cat([k_cache, k.transpose(-1, -2)], dim=KEY_SLOT_DIM)
-        values = torch.cat([v_cache, v], dim=VALUE_SLOT_DIM)
+        keys = torch.cat([k_cache, k], dim=SLOT_DIM)
+        values = torch.cat([v_cache, v], dim=SLOT_DIM)
         return self.wo(self._grouped_attention(q, keys, values, mask)), k, v
 
     def _grouped_attention(self, q, keys, values, mask):
         """Grouped-query attention, each kv head serving n_heads / n_kv_heads query heads, as two
-        matmuls and a softmax of rank 3: q [1, S, n_heads, head_dim], keys [1, n_kv_heads,
-        head_dim, slots], values [1, n_kv_heads, slots, head_dim], mask [rep * S, slots]
+        matmuls and a softmax of rank 3: q [1, S, n_heads, head_dim], keys and values [1, n_kv_heads,
+        slots, head_dim], mask [rep * S, slots]
         (``grouped_mask``) -> [1, S, n_heads * head_dim].
 
         The query heads of one kv head attend as extra query rows of it ([n_kv_heads, rep * S,
@@ -95,12 +90,13 @@ class Attention(nn.Module):
         and no tensor has rank 5 (which Core ML has been reported to run wrongly). Written out
         rather than as scaled_dot_product_attention, whose CPU decomposition casts fp16 caches to
         fp32 and transposes the keys on every call, and whose fused Core ML op the Neural Engine
-        is not reported to take.
+        is not reported to take. The keys enter the first matmul transposed, as upstream's
+        convention keeps them: Core ML folds that transpose into the matmul (``transpose_y``).
         """
         _, seq, n_heads, hd = q.shape
         # The scale on the queries (a few rows), not the scores: for head_dim 64 it is exact.
         rows = (q.transpose(1, 2) * hd ** -0.5).reshape(self.n_kv_heads, -1, hd)
-        scores = torch.bmm(rows, keys.squeeze(0)) + mask
+        scores = torch.bmm(rows, keys.squeeze(0).transpose(1, 2)) + mask
         out = torch.bmm(scores.softmax(-1), values.squeeze(0))  # [n_kv_heads, rep * S, hd]
         return out.reshape(n_heads, seq, hd).transpose(0, 1).reshape(1, seq, n_heads * hd)
 
@@ -139,7 +135,7 @@ class TransformerBlock(nn.Module):
 def rotate(x, cos, sin):
     """``reference.apply_rope`` in 8 graph nodes instead of 15 (the model runs it 2 x n_layers times).
 
-    x [1, T, H, D]; cos / sin [T, 1, D] from ``AneLlama._rope_rows``: each pair's cosine
+    x [1, T, H, D]; cos / sin [T, 1, D] from ``rotary_rows``: each pair's cosine
     twice, its sine as (-sin, sin). A pair (a, b) becomes (a cos + b (-sin), b cos + a sin):
     the reference's (a cos - b sin, a sin + b cos) to the bit, as negation is exact and a
     sum of two does not depend on its order. The pairs are split out of x without its batch
@@ -151,10 +147,10 @@ def rotate(x, cos, sin):
     return (rows * cos + swapped * sin).unsqueeze(0)
 
 
-def rope_tables(params, length):
-    """cos and sin [length, head_dim / 2] for positions 0..length-1 (fp64 angles, fp32 values)."""
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), rope_frequencies(params))
-    return angles.cos().float(), angles.sin().float()
+def rotary_rows(freqs_cos, freqs_sin):
+    """A call's rotary inputs ([S, head_dim / 2] each) shaped for ``rotate``, once per call."""
+    return tuple(torch.stack(pair, dim=-1).flatten(-2)[:, None, :]
+                 for pair in ((freqs_cos, freqs_cos), (-freqs_sin, freqs_sin)))
 
 
 class AneLlama(nn.Module):
@@ -163,19 +159,10 @@ class AneLlama(nn.Module):
     Parameters are created on the meta device: load them with
     ``load_state_dict(weights, strict=True, assign=True)`` (``from_weights`` does), which
     spares initialising a hundred million numbers only to overwrite them.
-
-    The rotary tables cover positions 0..max_seq_length-1. A caller must not place a real
-    token at or past max_seq_length; positions past the table (padding at the end of the
-    context) are clamped to its last row, so they read finite values instead of an
-    out-of-bounds gather, and their outputs are discarded anyway.
     """
 
-    def __init__(self, params, max_seq_length):
+    def __init__(self, params):
         super().__init__()
-        self.max_seq_length = max_seq_length
-        cos, sin = rope_tables(params, max_seq_length)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(params["vocab_size"], params["dim"])
             self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params["n_layers"]))
@@ -183,96 +170,97 @@ class AneLlama(nn.Module):
             self.output = nn.Linear(params["dim"], params["vocab_size"], bias=False)
 
     @classmethod
-    def from_weights(cls, params, weights, max_seq_length):
+    def from_weights(cls, params, weights):
         """An fp32 model over canonical ``weights`` (Meta names); fp32 tensors are shared, not copied."""
-        model = cls(params, max_seq_length)
+        model = cls(params)
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
-    def forward(self, tokens, input_pos, input_length, k_caches, v_caches, attn_mask):
+    def forward(self, tokens, attn_mask, freqs_cos, freqs_sin, k_caches, v_caches, last_valid_token_pos=None):
         seq_length = tokens.shape[1]
-        cos, sin = self._rope_rows(input_pos, seq_length)
-        full_mask = torch.cat([attn_mask, causal_mask(seq_length, attn_mask.dtype)], dim=1)
-        mask = self.layers[0].attention.grouped_mask(full_mask)
+        cos, sin = rotary_rows(freqs_cos, freqs_sin)
+        mask = self.layers[0].attention.grouped_mask(attn_mask.squeeze(0))
         h = self.tok_embeddings(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             h, k, v = layer(h, cos, sin, k_caches[i], v_caches[i], mask)
             new_k.append(k)
             new_v.append(v)
-        # Only the last real token's logits are needed: norm and LM head on one row, not seq_length.
-        # The row is picked by a matmul with a one-hot row rather than gathered mid-graph, which
-        # would send the graph to the CPU and back between the last layer and the LM head: the
-        # lookup of the one-hot row depends on the inputs alone, so it runs with the embedding's.
-        one_hot = torch.eye(seq_length, dtype=h.dtype).index_select(0, input_length - 1)
-        last = one_hot @ h.squeeze(0)
-        logits = self.output(self.norm(last))
+        if last_valid_token_pos is None:  # every position's logits, as the LM head gives them
+            logits = self.output(self.norm(h))
+        else:
+            # Only the last real token's logits are needed: norm and LM head on one row, not
+            # seq_length. The row is picked by a matmul with a one-hot row rather than gathered
+            # mid-graph, which would send the graph to the CPU and back between the last layer and
+            # the LM head: the lookup of the one-hot row depends on the inputs alone, so it runs
+            # with the embedding's.
+            one_hot = torch.eye(seq_length, dtype=h.dtype).index_select(0, last_valid_token_pos)
+            logits = flat_logits(self.output(self.norm(one_hot @ h.squeeze(0))))
         if isinstance(k_caches, torch.Tensor):
             return logits, torch.stack(new_k), torch.stack(new_v)
         return logits, new_k, new_v
 
-    def _rope_rows(self, input_pos, seq_length):
-        # A tensor index, not input_pos.item() + narrow: .item() makes an unbacked symbolic
-        # size that lowers to Core ML but not to the XNNPACK/portable CPU twin.
-        positions = input_pos + torch.arange(seq_length, dtype=input_pos.dtype)
-        # Both bounds: Core ML's converter turns a max-only clamp into a float clip, and an
-        # index must stay integer.
-        positions = positions.clamp(0, self.max_seq_length - 1)
-        cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
-        # Shaped for ``rotate`` once here rather than in each of its calls.
-        cos, sin = (torch.stack(pair, dim=-1).flatten(-2)[:, None, :] for pair in ((cos, cos), (-sin, sin)))
-        return cos, sin
-
 
 def flat_logits(logits):
-    """A program's logits as [1, vocab], whether its LM head was split or not (a view)."""
+    """One row of logits as [1, vocab], whether the LM head was split or not (a view)."""
     return logits.reshape(1, -1)
 
 
+def logit_rows(logits):
+    """A call's logits as [rows, vocab]: [1, vocab] stays, a verify call's [1, S, ...] becomes [S, vocab]."""
+    return logits if logits.dim() == 2 else logits.reshape(logits.shape[1], -1)
+
+
 def attention_mask(seq_length, cache_size, filled=0, dtype=torch.float32):
-    """The additive mask input of a call: the first ``filled`` cache slots open, the rest closed."""
-    mask = torch.full((seq_length, cache_size), MASK_MIN)
-    mask[:, :filled] = 0
+    """The additive mask input of a call [1, S, cache_size + S]: the first ``filled`` cache slots
+    open, the rest closed; the call's own tokens see themselves and those before them."""
+    mask = torch.full((1, seq_length, cache_size + seq_length), MASK_MIN)
+    mask[..., :filled] = 0
+    mask[..., cache_size:] = mask[..., cache_size:].triu(1)
     return mask.to(dtype)
 
 
-def causal_mask(seq_length, dtype):
-    """How a call's own tokens see one another: each itself and those before it (a constant)."""
-    return torch.full((seq_length, seq_length), MASK_MIN).triu(1).to(dtype)
+def rope_table(params, length, dtype=torch.float32):
+    """cos and sin [length, head_dim / 2]: the rotary table a caller slices a call's rows from.
 
+    Computed by ExecuTorch's own ``Rope`` from the params, as upstream's runners compute it from
+    params.json, so that every runner feeds a program the same bits (a table of our own, in
+    other arithmetic, differs from theirs in the last fp16 bit here and there).
+    """
+    from executorch.examples.models.llama.model_args import ModelArgs
+    from executorch.examples.models.llama.rope import Rope
 
-def as_cached_keys(new_k):
-    """A call's new keys (a list per layer, or one tensor) as views in the key caches' layout."""
-    if isinstance(new_k, torch.Tensor):
-        return new_k.transpose(-1, -2)
-    return [k.transpose(-1, -2) for k in new_k]
+    cos, sin = Rope(ModelArgs(max_context_len=length, **params)).get_freqs(None, length)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def empty_caches(params, cache_size, use_cache_list, dtype=torch.float32):
     """Zeroed (k_caches, v_caches) in the layout ``use_cache_list`` selects."""
     n_kv_heads, hd = params.get("n_kv_heads") or params["n_heads"], canonical.head_dim(params)
-    shapes = (1, n_kv_heads, hd, cache_size), (1, n_kv_heads, cache_size, hd)
+    shape = (1, n_kv_heads, cache_size, hd)
     if use_cache_list:
-        return tuple([torch.zeros(shape, dtype=dtype) for _ in range(params["n_layers"])] for shape in shapes)
-    return tuple(torch.zeros((params["n_layers"], *shape), dtype=dtype) for shape in shapes)
+        return tuple([torch.zeros(shape, dtype=dtype) for _ in range(params["n_layers"])] for _ in "kv")
+    return tuple(torch.zeros((params["n_layers"], *shape), dtype=dtype) for _ in "kv")
 
 
 class SlidingCache:
-    """A minimal caller (for tests; the real runner is elsewhere): caches and position between calls.
+    """A minimal caller (for tests; the real runner is ``runtime.kv_cache``): caches and position
+    between calls.
 
     The cache is a ring buffer: once full, each new token overwrites the oldest slot, so a
     call attends to the last cache_size tokens before it plus its own, causally. Slots fill
     in order, so the open mask columns are always a prefix of the cache. The caches are
     shared by calls of any seq_length (a 64-token prefill, then 1-token decodes);
-    cache_size defaults to the seed's max_seq_length - seq_length.
+    cache_size defaults to max_seq_length - 1, as upstream's multifunction export sizes it.
     """
 
     def __init__(self, params, max_seq_length, seq_length, cache_size=None,
                  use_cache_list=True, dtype=torch.float32):
         self.max_seq_length, self.seq_length = max_seq_length, seq_length
-        self.cache_size = max_seq_length - seq_length if cache_size is None else cache_size
+        self.cache_size = max_seq_length - 1 if cache_size is None else cache_size
         self.use_cache_list, self.dtype = use_cache_list, dtype
         self.k_caches, self.v_caches = empty_caches(params, self.cache_size, use_cache_list, dtype)
+        self.freqs_cos, self.freqs_sin = rope_table(params, max_seq_length, dtype)
         self.pos = 0  # tokens written so far: the absolute position of the next one
 
     def inputs(self, tokens, seq_length=None):
@@ -282,23 +270,24 @@ class SlidingCache:
         if not 0 < n <= seq_length or self.pos + n > self.max_seq_length:
             raise ValueError(f"{n} tokens at position {self.pos} do not fit "
                              f"seq_length={seq_length}, max_seq_length={self.max_seq_length}")
-        padded = torch.tensor([list(tokens) + [0] * (seq_length - n)], dtype=torch.long)
+        padded = torch.tensor([list(tokens) + [0] * (seq_length - n)], dtype=torch.int32)
         mask = attention_mask(seq_length, self.cache_size, min(self.pos, self.cache_size), self.dtype)
-        return padded, torch.tensor([self.pos]), torch.tensor([n]), self.k_caches, self.v_caches, mask
+        rows = torch.arange(self.pos, self.pos + seq_length).clamp(max=self.max_seq_length - 1)
+        return (padded, mask, self.freqs_cos[rows], self.freqs_sin[rows], self.k_caches, self.v_caches,
+                torch.tensor([n - 1]))
 
     def update(self, new_k, new_v, input_length):
         """Write the first input_length new slots into the ring (only the last cache_size survive)."""
         keep = min(input_length, self.cache_size)
         rows = torch.arange(input_length - keep, input_length)
         slots = (self.pos + rows) % self.cache_size
-        pairs = ((self.k_caches, as_cached_keys(new_k), KEY_SLOT_DIM), (self.v_caches, new_v, VALUE_SLOT_DIM))
-        for caches, news, dim in pairs:
+        for caches, news in ((self.k_caches, new_k), (self.v_caches, new_v)):
             for cache, new in zip(caches, news) if self.use_cache_list else [(caches, news)]:
-                cache.index_copy_(dim, slots, new.index_select(dim, rows))
+                cache.index_copy_(SLOT_DIM, slots, new.index_select(SLOT_DIM, rows))
         self.pos += input_length
 
     def step(self, model, tokens, seq_length=None):
         """One forward call on the token ids, recorded in the cache; returns the logits [1, vocab]."""
         logits, new_k, new_v = model(*self.inputs(tokens, seq_length))
         self.update(new_k, new_v, len(tokens))
-        return flat_logits(logits)
+        return logits

@@ -7,7 +7,7 @@ method's values: first the Core ML model's inputs, in the order of the payload's
 ``inputNames`` / ``outputNames``, per method for a multifunction payload). A multifunction
 payload's delegate says which function it calls (its ``CMJR`` reference's ``functionName``);
 a single-function payload's is the program's ``main``. Each payload is loaded once, however
-many methods call it, so a forward and a decode function share their weights.
+many methods call it, so the prefill and decode functions share their weights.
 
 A method that runs anything but Core ML delegate calls (a CPU kernel between two partitions)
 is refused in one error: only the Core ML program is interpreted here.

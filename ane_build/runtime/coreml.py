@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ane_build.model.ane_llama import flat_logits
+from ane_build.model.ane_llama import logit_rows
 from ane_build.programs import coreml_methods
 from ane_build.programs.coreml_program import COREML_BACKEND
 from ane_build.runtime import program as pte
@@ -35,9 +35,9 @@ class CoreMLProgram:
         if "forward" not in names:
             raise UserError(str(self.path), f"no forward method (it has {', '.join(sorted(names))})")
         metas = {name: program.metadata(name) for name in pte.METHODS if name in names}
-        self.methods = {name: meta.input_tensor_meta(0).sizes()[1] for name, meta in metas.items()}
+        self.methods, self.rope, shapes = pte.read_shapes(self.path, program, metas)
         constants = {name: pte._constant(program, name) for name in pte.CONSTANTS if name in names}
-        self.info = pte._model_info(self.path, pte._input_shapes(self.path, metas["forward"]), constants, flags)
+        self.info = pte._model_info(self.path, shapes, constants, flags)
         self._coreml = coreml_methods.CoreMLMethods(self.path)
         log.info("interpreting %s's Core ML program: %s", self.path.name,
                  ", ".join(f"{m} {n} tokens/call" for m, n in self.methods.items()))
@@ -46,8 +46,8 @@ class CoreMLProgram:
         out = [torch.from_numpy(a) for a in self._coreml.run(method, [t.numpy() for t in call.flat])]
         if self.info.use_cache_list:
             n = self.info.n_layers
-            return flat_logits(out[0]), out[1:1 + n], out[1 + n:]
-        return flat_logits(out[0]), out[1], out[2]
+            return logit_rows(out[0]), out[1:1 + n], out[1 + n:]
+        return logit_rows(out[0]), out[1], out[2]
 
 
 def open_pte(path, **flags):

@@ -46,7 +46,7 @@ class Generation:
         self.program, self.prompt_ids, self.sampler = program, list(prompt_ids), sampler
         self.stop_ids = frozenset(stop_ids)
         self.max_new_tokens = min(n_steps or math.inf, context - len(prompt_ids))
-        self.cache = KVCache(program.info, program.methods)
+        self.cache = KVCache(program.info, program.methods, program.rope)
         self.stats = Stats(prompt_tokens=len(prompt_ids))
 
     def __iter__(self):

@@ -8,6 +8,7 @@ a run of ids.
 """
 
 import logging
+import re
 
 from ane_build.checkpoint import tokenizer_files
 from ane_build.checkpoint.tokenizer_files import HF_JSON, SENTENCEPIECE, TIKTOKEN
@@ -46,6 +47,41 @@ class Tokenizer:
     def stop_ids(self, info):
         """The ids that end a generation: the program's eos ids, else the tokenizer's."""
         return info.eos_ids or self.eos_ids
+
+    def chat_ids(self, text):
+        """Ids of a rendered chat template: the special tokens written in it become their ids and
+        nothing is added, bos included (the template writes it where the model wants it), as
+        transformers encodes a chat with ``add_special_tokens=False``."""
+        if self.kind == HF_JSON:
+            return self._impl.model.encode(text, add_special_tokens=False).ids
+        if self.kind == TIKTOKEN:
+            return self._impl.encode(text, bos=False, eos=False, allowed_special="all")
+        # SentencePiece reads "<s>" as three characters: cut the text at its control pieces.
+        specials = self.special_tokens()
+        if not specials:
+            return self.encode(text)
+        ids = []
+        for i, part in enumerate(re.split(f"({'|'.join(map(re.escape, sorted(specials, key=len, reverse=True)))})",
+                                          text)):
+            ids += [specials[part]] if i % 2 else (self.encode(part) if part else [])
+        return ids
+
+    def special_tokens(self):
+        """{text: id} of the tokens a text names only by their spelling (control tokens, not words)."""
+        if self.kind == HF_JSON:
+            return {t.content: i for i, t in self._impl.model.get_added_tokens_decoder().items() if t.special}
+        if self.kind == TIKTOKEN:
+            return dict(self._impl.special_tokens)
+        sp = self._impl.sp_model
+        return {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+
+    def token(self, token_id):
+        """The text of one token as it is written, special tokens included ("<|im_end|>")."""
+        if self.kind == HF_JSON:
+            return self._impl.model.id_to_token(token_id)
+        if self.kind == TIKTOKEN:
+            return self._impl.decode_token(token_id)
+        return self._impl.sp_model.id_to_piece(token_id)
 
     def decode(self, ids):
         return self._impl.decode(list(ids))

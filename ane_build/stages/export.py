@@ -1,7 +1,7 @@
 """export: quantize entry + recipe ``export:`` -> the Core ML ``.pte``, its delegation report, a CPU twin.
 
-- ``model.pte``: every method (forward, and decode when the recipe asks) lowered with the
-  Core ML partitioner. Several methods become one Core ML multifunction model per
+- ``model.pte``: every method (a one-token forward and a prefill when the recipe asks for a
+  decode method, else the seed's single forward) lowered with the Core ML partitioner. Several methods become one Core ML multifunction model per
   partition, whose weights are stored once (ExecuTorch's POSITIONAL weight sharing, the
   Core ML backend's default for multi-method lowering).
 - ``delegation.json`` / ``delegation.txt``: how much of each method Core ML took, and
@@ -14,10 +14,11 @@
   Core ML, in this process, with ``ANE_BUILD_JOBS=1``).
   torchao's ``dequantize_affine`` has no ExecuTorch CPU kernel, so the dequantization of
   the constant weights is folded into constants first.
+- ``params.json`` (what upstream's runners read) and the tokenizer, beside the programs.
 
-Both carry the runner metadata (``io.runner_metadata``) as constant methods. Each lowering
-loads the programs from the quantize entry itself and runs under ``lean_lowering``:
-ExecuTorch's own lowering, same output, in less time and memory.
+Both carry the runner metadata and the rotary table (``io.constant_methods``) as constant
+methods. Each lowering loads the programs from the quantize entry itself and runs under
+``lean_lowering``: ExecuTorch's own lowering, same output, in less time and memory.
 """
 
 import hashlib
@@ -280,7 +281,6 @@ def run(inputs, params, out_dir):
     quant_dir, out_dir = Path(inputs["quantize"]), Path(out_dir)
     spec = io.read_spec(quant_dir)
     settings = resolve(params, spec)
-    metadata = io.runner_metadata(spec)
     # The twin lowers in a second process meanwhile: the two lowerings share nothing but their
     # input files, and each is single-threaded Python (ExecuTorch's and coremltools' passes),
     # so on two cores the stage takes the longer of the two instead of their sum.
@@ -290,7 +290,7 @@ def run(inputs, params, out_dir):
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin %s", ", ".join(spec["programs"]),
                  settings["minimum_deployment_target"], settings["compute_unit"], spec["ane"]["dtype"],
                  "after it" if run_twin is worker.later else "beside it")
-        coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], metadata,
+        coreml = lower_coreml(load_programs(quant_dir, spec), settings, spec["ane"]["dtype"], io.constant_methods(spec),
                               payload_seed(quant_dir, spec, settings))
         report = delegation_report(coreml)
         write_report(report, out_dir)
@@ -306,7 +306,8 @@ def run(inputs, params, out_dir):
         twin_bytes, twin_seconds = twin_result()
 
     io.copy_tokenizer(spec["tokenizer"], quant_dir, out_dir)
-    io.write_spec({**spec, "export": settings, "metadata": metadata}, out_dir)
+    io.write_params(spec, out_dir)
+    io.write_spec({**spec, "export": settings, "metadata": io.runner_metadata(spec)}, out_dir)
     cost.write(spec, out_dir)
     ideal = spec["quantize"]["ideal_bytes"]
     return {
@@ -345,7 +346,7 @@ def write_twin(quant_dir, path):
     """Lower the quantize entry's programs to the CPU twin at ``path``; returns (bytes, seconds)."""
     started = time.time()
     spec = io.read_spec(quant_dir)
-    twin = lower_twin(load_programs(quant_dir, spec), io.runner_metadata(spec))
+    twin = lower_twin(load_programs(quant_dir, spec), io.constant_methods(spec))
     release_memory()  # the folded programs' leftovers, before serializing
     twin_bytes = write_pte(twin, path, quant_fusion=False)  # dequantizations all folded
     return twin_bytes, time.time() - started

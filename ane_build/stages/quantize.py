@@ -5,9 +5,9 @@ Weights are quantized with torchao as the seed export does (weight-only; symmetr
 ``dequantize_affine`` into its constexpr ops). Each linear gets ``quantize.linear``'s kind
 unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits).
 Kind ``source`` takes a GGUF checkpoint's own blocks as they are (``ane_build.quant.source_blocks``).
-One program per method: ``forward.pt2`` (seq_length tokens) and, when ``ane.decode_method``
-is set, ``decode.pt2`` (one token). The entry carries ``spec.json`` (with a ``quantize``
-section added) and the tokenizer forward, so the export stage reads only this entry.
+One program per method (``io.methods``): ``forward.pt2`` and, when ``ane.decode_method`` is
+set, ``prefill.pt2`` (``forward`` then takes one token). The entry carries ``spec.json`` (with
+a ``quantize`` section added) and the tokenizer forward, so the export stage reads only this entry.
 """
 
 import contextlib
@@ -225,13 +225,14 @@ def ideal_bytes(groups):
     return sum(g["params"] * g["bits"] // 8 for g in groups.values())
 
 
-def export_program(model, spec, program, out_dir):
-    """Export ``model`` for ``program``'s tokens per call into its file in ``out_dir``; returns the seconds taken."""
+def export_program(model, spec, method, program, out_dir):
+    """Export ``model``'s ``method`` for ``program``'s tokens per call into its file in ``out_dir``; returns
+    the seconds taken."""
     log.info("exporting %s (%d tokens per call)", program["file"], program["seq_length"])
     started = time.time()
     # Non-strict: it traces with real Python instead of dynamo, seconds instead of minutes
     # on a real model, and gives the same graph for this plain static-shape module.
-    exported = torch.export.export(model, io.example_inputs(spec, program["seq_length"]), strict=False)
+    exported = torch.export.export(model, io.example_inputs(spec, method, program["seq_length"]), strict=False)
     saved_programs.save(exported, Path(out_dir) / program["file"])
     return round(time.time() - started, 2)
 
@@ -251,9 +252,9 @@ def run(inputs, params, out_dir):
     # is single-threaded Python, and the copy shares the quantized model instead of redoing it.
     (first, *others), run_beside = programs, worker.beside_or_later(start="fork")
     with contextlib.ExitStack() as stack:
-        pending = {m: stack.enter_context(run_beside(export_program, model, spec, programs[m], out_dir))
+        pending = {m: stack.enter_context(run_beside(export_program, model, spec, m, programs[m], out_dir))
                    for m in others}
-        seconds = {first: export_program(model, spec, programs[first], out_dir)}
+        seconds = {first: export_program(model, spec, first, programs[first], out_dir)}
         seconds.update((m, result()) for m, result in pending.items())
     metrics = {"ideal_bytes": ideal_bytes(groups), **{f"{m}_export_seconds": t for m, t in seconds.items()}}
 

@@ -5,7 +5,8 @@ inside the entry, not the entry itself, because the store writes its own ``manif
 the entry's top. It holds what a device app needs and what tells how it was made:
 
 - ``model.pte``: the Core ML program;
-- the tokenizer file;
+- ``params.json``: the model's shape, as upstream ExecuTorch's runners read it (``--params``);
+- the tokenizer file, and beside it ``chat_template.jinja`` where the checkpoint has a chat template;
 - ``delegation.txt``: what Core ML took, and any op left on the CPU;
 - ``lint.md``: what ``ane-build lint`` found in ``model.pte`` (unless the recipe turned it off);
 - ``smoke.md``: the smoke test's generations, agreement and speeds;
@@ -37,13 +38,13 @@ from ane_build.bundle import readme as bundle_readme
 from ane_build.bundle.readme import README
 from ane_build.bundle.verify import ARCHIVE_SUFFIX, MANIFEST, describe
 from ane_build.cache import keys
-from ane_build.model import io, rewrites
+from ane_build.model import io
 from ane_build.recipe import recorded
 from ane_build.stages import smoke
 from ane_build.stages.export import MODEL_FILE
 from ane_build.util.errors import UserError
 
-FROM_EXPORT = (MODEL_FILE, "delegation.txt")  # and the tokenizer, named in spec.json
+FROM_EXPORT = (MODEL_FILE, io.PARAMS_FILE, "delegation.txt")  # + the tokenizer, chat template in spec.json
 FROM_SMOKE = (smoke.REPORT_MD,)
 # What a rebuild needs to give the same bytes (tests/test_tasks.py builds a recipe twice to check it).
 REPRODUCIBLE = ("every file is rebuilt byte for byte by the same recipe and toolchain; the smoke numbers "
@@ -58,7 +59,8 @@ def run(inputs, params, out_dir):
     bundle = out_dir / name
     bundle.mkdir()
     spec = io.read_spec(export_dir)
-    for src in [export_dir / f for f in (*FROM_EXPORT, spec["tokenizer"])] + [smoke_dir / f for f in FROM_SMOKE]:
+    tokenizer_files = [spec["tokenizer"]] + ([spec["chat_template"]] if spec.get("chat_template") else [])
+    for src in [export_dir / f for f in (*FROM_EXPORT, *tokenizer_files)] + [smoke_dir / f for f in FROM_SMOKE]:
         shutil.copyfile(src, bundle / src.name)
     if (export_dir / lint.MARKDOWN_FILE).exists():  # not with export.ane_lint: off
         shutil.copyfile(export_dir / lint.MARKDOWN_FILE, bundle / lint.MARKDOWN_FILE)
@@ -73,7 +75,7 @@ def run(inputs, params, out_dir):
         "methods": io.methods(spec["ane"]),
         "runner_metadata": spec["metadata"],
         "tokenizer": spec["tokenizer"],
-        "logits_shape": logits_shape(spec),
+        "chat_template": spec.get("chat_template"),
         "reproducible": REPRODUCIBLE,
         "decode_cost": decode_cost(export_dir, recipe["device"]),
         "ane_lint": lint_summary(export_dir),
@@ -106,14 +108,6 @@ def lint_summary(export_dir):
         return None
     report = json.loads(path.read_text())
     return {"clean": report["clean"], "by_rule": report["by_rule"], "allowlisted": report["allowlisted"]}
-
-
-def logits_shape(spec):
-    """The shape of the programs' logits: [1, vocab], or [1, n, vocab / n] with an LM head in n chunks."""
-    vocab, ane = spec["params"]["vocab_size"], spec["ane"]
-    target = ane.get("target_split_size")
-    n = rewrites.split_count(vocab, target, ane["max_splits"]) if target else 1
-    return [1, vocab] if n == 1 else [1, n, vocab // n]
 
 
 def decode_cost(export_dir, device):

@@ -13,7 +13,7 @@ from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.checkpoint import canonical
 from ane_build.model import io, rewrites
 from ane_build.model.ane_llama import AneLlama
-from ane_build.schema import SCHEMA
+from ane_build.schema import SCHEMA, cache_size
 from ane_build.util.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,11 @@ log = logging.getLogger(__name__)
 def resolve(params):
     """The ``ane:`` settings with schema defaults filled in and cache_size made explicit."""
     ane = {key: params.get(key, field.default) for key, field in SCHEMA["ane"].items()}
-    if ane["cache_size"] is None:
-        ane["cache_size"] = ane["max_seq_length"] - ane["seq_length"]
-    # The schema checks this for recipes; repeated here for callers of run() without one.
-    if ane["cache_size"] < 1 or ane["cache_size"] + ane["seq_length"] > ane["max_seq_length"]:
-        raise UserError("", f"ane.cache_size={ane['cache_size']}: expected 1 <= cache_size <= "
-                            f"max_seq_length - seq_length = {ane['max_seq_length'] - ane['seq_length']}")
+    ane["cache_size"] = cache_size(ane)
+    # The recipe checks this for recipes; repeated here for callers of run() without one.
+    if not 1 <= ane["cache_size"] < ane["max_seq_length"]:
+        raise UserError("", f"ane.cache_size={ane['cache_size']}: expected 1 <= cache_size < "
+                            f"max_seq_length = {ane['max_seq_length']}")
     return ane
 
 
@@ -40,7 +39,7 @@ def run(inputs, params, out_dir):
     weights = canonical.read_weights(ckpt_dir)
     canonical.check_shapes(model_params, weights, str(ckpt_dir / canonical.WEIGHTS_FILE))
 
-    model = AneLlama.from_weights(model_params, weights, ane["max_seq_length"])
+    model = AneLlama.from_weights(model_params, weights)
     # where="": UserErrors name the recipe key (ane.<field>); the pipeline prefixes the file.
     model = rewrites.apply(model, ane, where="")
     log.info("rewrote the model: %s, %d layers split", ane["dtype"], _split_layers(model))
@@ -54,6 +53,7 @@ def run(inputs, params, out_dir):
         "params": model_params,
         "ane": ane,
         "tokenizer": info["tokenizer"],
+        "chat_template": info.get("chat_template"),  # copied with the tokenizer (io.copy_tokenizer)
         "bos_id": info["bos_id"],
         "eos_ids": info["eos_ids"],
     }, out_dir)

@@ -17,12 +17,18 @@ program itself is then also run, through the reference interpreter, on the promp
 and a slice of the evaluation text, in a second process while the twin reads the text
 (``analysis.coreml_quality``; ``smoke.interpret_coreml``), and held to the same gates. The
 entry holds ``smoke.json`` (every number) and ``smoke.md`` (for people).
+
+For a chat model (the recipe's ``chat``), each prompt is a user's message: the program reads it
+rendered by the checkpoint's chat template (``runtime.chat``), and smoke.md shows the message and
+the assistant's reply, as an app's user sees them. The evaluation text is read as plain text either
+way, so the quality numbers mean the same for every recipe.
 """
 
 import contextlib
 import json
 import logging
 import re
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -31,7 +37,7 @@ from ane_build import schema
 from ane_build.analysis import coreml_quality, quality
 from ane_build.model import io
 from ane_build.model.reference import ReferenceLlama
-from ane_build.runtime import cpu_kernels
+from ane_build.runtime import chat, cpu_kernels
 from ane_build.runtime.generate import Generation
 from ane_build.runtime.program import PteProgram
 from ane_build.runtime.sampling import Sampler
@@ -48,29 +54,35 @@ SEED = 0
 COREML = "CoreMLBackend"
 # The delegate each file of an export entry runs on (the twin's ops beyond linears use portable kernels).
 BACKENDS = {MODEL_FILE: COREML, TWIN_FILE: "XnnpackBackend"}
+# The date a chat template's strftime_now tells (Llama 3's write it into the prompt): a fixed one, as
+# smoke.md ships in a release that must come out the same bytes on every build.
+CHAT_DATE = datetime(2025, 1, 1)
 
 
 def run(inputs, params, out_dir):
     """inputs: {"export": export entry dir, "convert": canonical checkpoint dir}; params: the
-    recipe's ``smoke:`` mapping."""
+    recipe's ``smoke:`` mapping, and its ``chat``."""
     from executorch.runtime import Runtime
 
     export_dir, out_dir = Path(inputs["export"]), Path(out_dir)
     spec = io.read_spec(export_dir)
+    template_file = chat_template_file(export_dir, spec) if params.get("chat") else None
     runtime = choose_program(Runtime.get().backend_registry.registered_backend_names, spec["ane"]["dtype"])
     program = PteProgram(export_dir / runtime["program"])
     tokenizer = Tokenizer(export_dir / spec["tokenizer"])
     tokenizer.check_fits(program.info.vocab_size, runtime["program"])
     reference = ReferenceLlama.from_checkpoint(inputs["convert"])
+    template = chat.for_program(template_file, tokenizer, program.info, now=CHAT_DATE) if template_file else None
     log.info("smoke: %s on %s, %d prompt(s)", runtime["program"], runtime["backend"], len(params["prompts"]))
 
-    scored = [smoke_prompt(program, tokenizer, reference, prompt, params) for prompt in params["prompts"]]
+    scored = [smoke_prompt(program, tokenizer, reference, prompt, params, template) for prompt in params["prompts"]]
     results = [result for result, _ in scored]
     evaluation, coreml, coreml_not_run = score_eval_and_coreml(export_dir, runtime, program, tokenizer, reference,
                                                                scored, params)
     summary = {**summarize(results, evaluation, runtime), **coreml_quality.summary(coreml)}
     report = {"runtime": runtime, "settings": {**params, "top_p": 1.0, "seed": SEED}, "summary": summary,
-              "prompts": results, "eval_text": evaluation, "coreml": coreml, "coreml_not_run": coreml_not_run}
+              "chat_template": spec["chat_template"] if template else None, "prompts": results, "eval_text": evaluation,
+              "coreml": coreml, "coreml_not_run": coreml_not_run}
     # Written before the checks below, so a run by hand keeps the report of a program that fails them.
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out_dir / REPORT_MD).write_text(markdown(report))
@@ -129,10 +141,18 @@ def choose_program(registered_backends, dtype):
     return chosen
 
 
-def smoke_prompt(program, tokenizer, reference, prompt, params):
-    """One prompt's generation, speeds and teacher-forced agreement."""
+def chat_template_file(export_dir, spec):
+    """The export's chat template (a chat recipe's convert made sure the checkpoint has one)."""
+    if not spec.get("chat_template"):
+        raise UserError("chat", f"true, but the export entry {export_dir} has no chat template beside its tokenizer")
+    return export_dir / spec["chat_template"]
+
+
+def smoke_prompt(program, tokenizer, reference, prompt, params, template=None):
+    """One prompt's generation, speeds and teacher-forced agreement; with a chat ``template``, the
+    prompt is a user's message the program reads through it."""
     info, n_steps = program.info, params["n_steps"]
-    prompt_ids = tokenizer.prompt_ids(prompt, info)
+    rendered, prompt_ids = template.prompt(prompt) if template else (None, tokenizer.prompt_ids(prompt, info))
     # The last token fed sits at position len + n_steps - 2 and should see every one before it:
     # past its window of cache_size past tokens, the program rightly sees less than the reference.
     needed = len(prompt_ids) + n_steps - 2
@@ -154,7 +174,8 @@ def smoke_prompt(program, tokenizer, reference, prompt, params):
     agreeing = sum(p == e for p, e in zip(predicted, expected))
     stats = generation.stats
     result = {
-        "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": generated, "text": text,
+        "prompt": prompt, **({"rendered_prompt": rendered} if template else {}), "prompt_ids": prompt_ids,
+        "generated_ids": generated, "text": text,
         "top1_agreement": agreeing / len(predicted), "agreeing_positions": agreeing, "positions": len(predicted),
         "first_divergence": next((i for i, (p, e) in enumerate(zip(predicted, expected)) if p != e), None),
         "reference_ids": expected, "program_ids": predicted, "continuation_ids": continuation,
@@ -259,7 +280,8 @@ def markdown(report):
         "# Smoke test", "",
         (f"Ran {ran}. {settings['n_steps']} tokens per prompt, {sampling}. Top-1 agreement with the fp32 "
          f"reference over {settings['n_steps']} teacher-forced positions: at least "
-         f"{settings['min_top1_agreement']} required, {summary['min_top1_agreement']:.3f} at worst."), "",
+         f"{settings['min_top1_agreement']} required, {summary['min_top1_agreement']:.3f} at worst."
+         + _chat_sentence(report.get("chat_template"))), "",
         "| prompt | top-1 agreement | first divergence |",
         "|---|---|---|",
     ]
@@ -269,9 +291,22 @@ def markdown(report):
     lines += _eval_lines(report["eval_text"], settings)
     lines += coreml_quality.markdown(report.get("coreml"), report.get("coreml_not_run"))
     for r in report["prompts"]:
-        fence = _fence(r["prompt"] + r["text"])
-        lines += ["", f"## {_cell(r['prompt'])}", "", fence, r["prompt"] + r["text"], fence]
+        lines += ["", f"## {_cell(r['prompt'])}", ""] + _generation(r, report.get("chat_template"))
     return "\n".join(lines) + "\n"
+
+
+def _chat_sentence(chat_template):
+    return (f" A chat model: each prompt is a user's message, which the program read through the checkpoint's "
+            f"chat template (`{chat_template}`); below, the assistant's reply to it.") if chat_template else ""
+
+
+def _generation(result, chat_template):
+    """The prompt and what the program wrote: a continuation of plain text, or a chat's two turns (the
+    template's own text is in smoke.json, not here: an app's user never sees it)."""
+    fence = _fence(result["prompt"] + result["text"])
+    if not chat_template:
+        return [fence, result["prompt"] + result["text"], fence]
+    return ["User:", "", fence, result["prompt"], fence, "", "Assistant:", "", fence, result["text"].strip(), fence]
 
 
 def _eval_lines(evaluation, settings):

@@ -22,18 +22,18 @@ def test_macs_are_the_matmuls_the_eager_program_runs(quantized):
     model = io.load_model(rewrite)
     for method, seq_length in io.methods(spec["ane"]).items():
         with FlopCounterMode(display=False) as flops:
-            model(*io.example_inputs(spec, seq_length))
+            model(*io.example_inputs(spec, method, seq_length))
         assert cost.method_cost(spec, seq_length)["macs_per_call"] * 2 == flops.get_total_flops(), method
 
 
 def test_kv_bytes_are_the_caches_read_and_the_slots_written(quantized):
     spec, rewrite = quantized
     model = io.load_model(rewrite).to(torch.float16)
-    for seq_length in io.methods(spec["ane"]).values():
-        inputs = io.example_inputs(spec, seq_length)
+    for method, seq_length in io.methods(spec["ane"]).items():
+        inputs = io.example_inputs(spec, method, seq_length)
         _, new_k, new_v = model(*inputs)
         counts = cost.method_cost(spec, seq_length)
-        assert counts["kv_bytes_read_per_call"] == sum(t.nbytes for t in [*inputs[3], *inputs[4]])
+        assert counts["kv_bytes_read_per_call"] == sum(t.nbytes for t in [*inputs[4], *inputs[5]])
         assert counts["kv_bytes_written_per_call"] == sum(t.nbytes for t in [*new_k, *new_v])
 
 
@@ -48,18 +48,18 @@ def test_weight_bytes_are_every_quantized_weight_but_the_unread_embedding_rows(q
         assert read == everything - table + seq_length * params["dim"]
 
 
-def test_decoding_through_the_forward_method_wastes_its_padding(quantized):
+def test_decoding_through_the_prefill_method_wastes_its_padding(quantized):
     spec, _ = quantized
     methods = cost.costs(spec)
     seq_length = spec["ane"]["seq_length"]
-    assert methods["decode"]["padding_waste"] == 0
-    assert (seq_length - 1) / seq_length * 0.9 < methods["forward"]["padding_waste"] < (seq_length - 1) / seq_length
+    assert methods["forward"]["padding_waste"] == 0
+    assert (seq_length - 1) / seq_length * 0.9 < methods["prefill"]["padding_waste"] < (seq_length - 1) / seq_length
 
 
 def test_the_bound_is_a_devices_bandwidth_over_the_cheapest_bytes_per_token(quantized):
     methods = cost.costs(quantized[0])
     bound = cost.decode_bound(methods, "iPad Pro (M4)")
-    per_token = methods["decode"]["bytes_per_decoded_token"]
-    assert bound["method"] == "decode" and per_token < methods["forward"]["bytes_per_decoded_token"]
+    per_token = methods["forward"]["bytes_per_decoded_token"]
+    assert bound["method"] == "forward" and per_token < methods["prefill"]["bytes_per_decoded_token"]
     assert bound["tokens_per_second_at_most"] == round(120e9 / per_token, 1)
     assert cost.decode_bound(methods, "a device nobody measured") is None

@@ -15,10 +15,10 @@ def manifest(tmp_path_factory):
 
 def test_a_manifest_read_back_sorted_renders_the_same_readme(manifest):
     """release writes the manifest with sorted keys; verify renders the README from that."""
-    two_methods = {**manifest, "methods": {"forward": 8, "decode": 1},
+    two_methods = {**manifest, "methods": {"prefill": 8, "forward": 1},
                    "runner_metadata": dict(reversed(manifest["runner_metadata"].items()))}
     decode_cost = manifest["decode_cost"]["methods"]["forward"]
-    two_methods["decode_cost"] = {"methods": {"forward": decode_cost, "decode": decode_cost}, "bound": None}
+    two_methods["decode_cost"] = {"methods": {"prefill": decode_cost, "forward": decode_cost}, "bound": None}
     read_back = json.loads(json.dumps(two_methods, sort_keys=True))
     assert list(read_back["methods"]) != list(two_methods["methods"])
     assert bundle_readme.render(read_back) == bundle_readme.render(two_methods)

@@ -44,7 +44,8 @@ def test_a_fresh_bundle_and_its_archive_verify(fresh, capsys):
     for target in (fresh, fresh / f"{fresh.name}.tar.gz"):  # the release folder holds its archive
         assert verify.verify(target) == []
         assert run_main(target) == 0
-        assert capsys.readouterr().out == "ok: 5 files verified\n"
+        # README.md, delegation.txt, model.pte, params.json, smoke.md, tokenizer.model
+        assert capsys.readouterr().out == "ok: 6 files verified\n"
 
 
 def rewrite_readme(bundle, text):

@@ -6,7 +6,7 @@ import torch
 from ane_build.checkpoint import canonical
 from ane_build.checkpoint.rope import rope_frequencies
 from ane_build.model import rewrites
-from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask, causal_mask, rotate
+from ane_build.model.ane_llama import MASK_MIN, AneLlama, SlidingCache, attention_mask, rope_table, rotary_rows, rotate
 from ane_build.model.reference import ReferenceLlama, apply_rope, rms_norm
 from tests import float_bounds
 from tests.tiny_llama import tiny_params, tiny_weights
@@ -63,7 +63,7 @@ def windowed(calls, cache_size):
 
 
 def rewritten(params, weights, ane=SPLIT):
-    return rewrites.apply(AneLlama.from_weights(params, weights, MAX_SEQ), ane)
+    return rewrites.apply(AneLlama.from_weights(params, weights), ane)
 
 
 def tokens_for(params, n, seed=1):
@@ -84,7 +84,7 @@ def test_masked_reference_with_causal_visibility_is_the_reference():
 
 def test_parameter_names_are_the_canonical_checkpoint_names():
     params = tiny_params()
-    model = AneLlama(params, MAX_SEQ)
+    model = AneLlama(params)
     assert set(model.state_dict()) == set(canonical.expected_shapes(params))
     weights = tiny_weights(params)
     del weights["norm.weight"]
@@ -171,10 +171,11 @@ def test_exports_without_data_dependent_positions(seq_length, use_cache_list):
 
 
 def test_masks_are_finite_and_fp16_safe():
-    mask, causal = attention_mask(4, 6, filled=2, dtype=torch.float16), causal_mask(4, torch.float16)
-    assert mask.shape == (4, 6) and torch.isfinite(mask).all() and torch.isfinite(causal).all()
-    assert (mask[:, :2] == 0).all() and (mask[:, 2:] == MASK_MIN).all()
-    assert (causal == 0).equal(torch.ones(4, 4, dtype=torch.bool).tril()) and causal.max() == 0
+    mask = attention_mask(4, 6, filled=2, dtype=torch.float16)
+    assert mask.shape == (1, 4, 6 + 4) and torch.isfinite(mask).all()
+    cache, own = mask[0, :, :6], mask[0, :, 6:]
+    assert (cache[:, :2] == 0).all() and (cache[:, 2:] == MASK_MIN).all()
+    assert (own == 0).equal(torch.ones(4, 4, dtype=torch.bool).tril()) and (own[own != 0] == MASK_MIN).all()
 
 
 def test_positions_past_the_rope_table_are_clamped_not_out_of_bounds():
@@ -191,7 +192,18 @@ def test_positions_past_the_rope_table_are_clamped_not_out_of_bounds():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rotate_is_the_reference_rope_to_the_bit(dtype):
     params = tiny_params()
-    model = AneLlama(params, max_seq_length=32).to(dtype)
     x = (torch.randn(1, 5, 3, canonical.head_dim(params)) * 100).to(dtype)
-    cos, sin = model._rope_rows(torch.tensor([7]), 5)
-    assert torch.equal(rotate(x, cos, sin), apply_rope(x, model.rope_cos[7:12], model.rope_sin[7:12]))
+    cos, sin = (table[7:12] for table in rope_table(params, 32, dtype))
+    assert torch.equal(rotate(x, *rotary_rows(cos, sin)), apply_rope(x, cos, sin))
+
+
+def test_rope_table_is_the_one_upstreams_runner_computes():
+    from executorch.examples.models.llama.model_args import ModelArgs
+    from executorch.examples.models.llama.static_attention import StaticAttentionIOManager
+
+    for variant in ("gqa", "llama3_rope"):
+        params = tiny_params(**VARIANTS[variant])
+        manager = StaticAttentionIOManager(ModelArgs(max_context_len=MAX_SEQ, **params), input_len=1,
+                                           cache_lens=MAX_SEQ - 1, dtype=torch.float16)
+        cos, sin = rope_table(params, MAX_SEQ, torch.float16)
+        assert torch.equal(cos, manager.freqs_cos) and torch.equal(sin, manager.freqs_sin)

@@ -12,7 +12,7 @@ from tests.tiny_llama import tiny_params, tiny_weights
 
 def tiny_model():
     params = tiny_params()
-    return AneLlama.from_weights(params, tiny_weights(params), max_seq_length=16)
+    return AneLlama.from_weights(params, tiny_weights(params))
 
 
 @pytest.mark.parametrize("out_features, target, max_splits, n", [
@@ -55,7 +55,7 @@ def test_apply_splits_every_linear_including_the_lm_head():
 def test_a_saved_rewritten_state_loads_into_a_rewritten_empty_model():
     ane = {"dtype": "fp16", "target_split_size": 32, "max_splits": 4}
     model = rewrites.apply(tiny_model(), ane)
-    rebuilt = rewrites.apply(AneLlama(tiny_params(), max_seq_length=16), ane)
+    rebuilt = rewrites.apply(AneLlama(tiny_params()), ane)
     rebuilt.load_state_dict(model.state_dict(), strict=True, assign=True)
     x = torch.randn(1, 3, 64, dtype=torch.float16)
     torch.testing.assert_close(rebuilt.output(rebuilt.norm(x)), model.output(model.norm(x)))
@@ -134,7 +134,7 @@ def test_fp16_rewrite_of_the_default_model_keeps_top1_at_64_teacher_forced_posit
     ids = prompt + reference.greedy(prompt, 64 - len(prompt))
     expected = reference(torch.tensor([ids]))[0].argmax(-1)
     ane = {"dtype": "fp16", "target_split_size": 1024, "max_splits": 8}
-    model = rewrites.apply(AneLlama.from_weights(params, weights, 1024), ane)
+    model = rewrites.apply(AneLlama.from_weights(params, weights), ane)
     cache = SlidingCache(params, 1024, 64, dtype=torch.float16)
     got = torch.stack([cache.step(model, [i], 1)[0].argmax() for i in ids])
     assert got.tolist() == expected.tolist()

@@ -1,7 +1,7 @@
 """The Core ML program of a tiny export, run through the interpreter, against its CPU twin.
 
 The build is the default recipe in miniature (``tests/lint_builds.py``'s "list": fp16, c8w weights
-with zero points, an 8-bit embedding, a forward and a decode function sharing them, a cache per
+with zero points, an 8-bit embedding, a prefill and a one-token forward function sharing them, a cache per
 layer). Both programs are held to the bound tests/float_bounds.py derives for any correct fp16
 program of these weights: each within ``allowed`` of exact arithmetic (fp32 on the weights the
 eager quantized model holds), so within twice that of each other. The interpreter's rounding
@@ -77,9 +77,9 @@ def test_the_interpreted_core_ml_program_agrees_with_the_twin_within_the_fp16_bo
 
 
 def run_logits(program, info, tokens):
-    """Logits [positions, vocab] of a run through the runner's KV cache: one forward call of 40 tokens
-    (a full chunk and a one-token remainder), then a decode call per token, past the cache's window."""
-    cache = KVCache(info, program.methods)
+    """Logits [positions, vocab] of a run through the runner's KV cache: 40 tokens in prefill calls
+    (a full chunk and a short remainder), then a one-token forward call per token, past the cache's window."""
+    cache = KVCache(info, program.methods, program.rope)
     logits = [feed(program, cache, tokens[:40])] + [feed(program, cache, [t]) for t in tokens[40:]]
     return torch.stack([x.to(torch.float64) for x in logits])
 
@@ -90,15 +90,18 @@ def test_a_run_through_the_interpreter_stays_within_the_bound_at_every_call(entr
     own distance at that call gives, as are the twin's."""
     program, twin = open_pte(entries["export"] / export.MODEL_FILE), PteProgram(entries["export"] / export.TWIN_FILE)
     assert isinstance(program, CoreMLProgram) and program.info == twin.info
-    assert program.methods == twin.methods == {"forward": 32, "decode": 1}
+    assert program.methods == twin.methods == {"forward": 1, "prefill": 32}
+    assert all(torch.equal(a, b) for a, b in zip(program.rope, twin.rope))
     info = program.info
     eager = quantize.quantized_model(entries["rewrite"], lint_builds.QUANTIZE)
     exact = exact_model(entries["rewrite"], eager, torch.float32)
     tokens = torch.randint(3, info.vocab_size, (80,), generator=torch.Generator().manual_seed(0)).tolist()
     got, twins = run_logits(program, info, tokens), run_logits(twin, info, tokens)
-    wants = run_logits(EagerProgram(eager, info), info, tokens)
-    exacts = run_logits(EagerProgram(exact, dataclasses.replace(info, dtype="fp32")), dataclasses.replace(
-        info, dtype="fp32"), tokens)
+    wants = run_logits(EagerProgram(eager, info, program.rope), info, tokens)
+    # The exact model reads the same rotary rows (the program's table, widened), as any input.
+    exact_info = dataclasses.replace(info, dtype="fp32")
+    exacts = run_logits(EagerProgram(exact, exact_info, float_bounds.cast_floats(program.rope, torch.float32)),
+                        exact_info, tokens)
     reduction = float_bounds.longest_reduction(io.read_spec(entries["export"]))
     for i, (g, t, w, r) in enumerate(zip(got, twins, wants, exacts)):
         allowed = float_bounds.allowed_distance(float_bounds.distance(w, r), r, torch.float16, reduction)
@@ -114,7 +117,7 @@ def test_only_core_ml_programs_are_interpreted(entries):
 def test_the_interpreter_outputs_are_fp16_like_the_program_says(entries):
     coreml = coreml_methods.CoreMLMethods(entries["export"] / export.MODEL_FILE)
     spec = io.read_spec(entries["export"])
-    out = coreml.run("decode", [t.numpy() for t in io.flat_inputs(io.example_inputs(spec, 1))])
+    out = coreml.run("forward", [t.numpy() for t in io.flat_inputs(io.example_inputs(spec, "forward", 1))])
     assert all(a.dtype == np.float16 for a in out)
 
 

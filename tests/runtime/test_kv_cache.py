@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ane_build.model.ane_llama import KEY_SLOT_DIM, MASK_MIN, VALUE_SLOT_DIM
+from ane_build.model.ane_llama import MASK_MIN, SLOT_DIM
 from ane_build.runtime.kv_cache import KVCache, feed
 from ane_build.runtime.program import open_eager
 from tests import float_bounds
@@ -19,8 +19,7 @@ def eager(checkpoint, layout="list", cache_size=CACHE):
 
 def caches(cache):
     """Every cache tensor, whatever the layout, with the axis of its slots."""
-    both = [(cache.k_caches, KEY_SLOT_DIM), (cache.v_caches, VALUE_SLOT_DIM)]
-    return [(t, dim) for c, dim in both for t in (c if isinstance(c, list) else [c])]
+    return [(t, SLOT_DIM) for c in (cache.k_caches, cache.v_caches) for t in (c if isinstance(c, list) else [c])]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -39,7 +38,7 @@ def test_generation_past_the_window_matches_the_windowed_reference(checkpoint, l
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_step_writes_only_its_rows_in_place(checkpoint, layout):
     program = eager(checkpoint, layout)
-    cache = KVCache(program.info, program.methods)
+    cache = KVCache(program.info, program.methods, program.rope)
     tensors = caches(cache)
     pointers = [t.data_ptr() for t, _ in tensors]
     inputs = {name: [t.data_ptr() for t in call.flat] for name, call in cache.calls.items()}
@@ -57,16 +56,21 @@ def test_a_step_writes_only_its_rows_in_place(checkpoint, layout):
 
 def test_masks_open_cache_columns_as_slots_fill(checkpoint):
     program = eager(checkpoint)
-    cache = KVCache(program.info, program.methods)
+    cache = KVCache(program.info, program.methods, program.rope)
     tokens = tokens_for(tiny_params(), 20)
     feed(program, cache, tokens[:5])
-    decode = cache.prepare("decode", [tokens[5]])
-    assert (decode.mask[:, :5] == 0).all() and (decode.mask[:, 5:CACHE] == MASK_MIN).all()
+    decode = cache.prepare("forward", [tokens[5]])
+    assert (decode.mask[..., :5] == 0).all() and (decode.mask[..., 5:CACHE] == MASK_MIN).all()
+    assert (decode.mask[..., CACHE:] == 0).all()  # the token sees itself
     feed(program, cache, tokens[5:])
-    forward = cache.prepare("forward", [1, 2])
-    assert forward.mask.shape == (SEQ, CACHE) and (forward.mask == 0).all()  # the ring is full: every slot open
-    assert forward.tokens.tolist() == [[1, 2] + [0] * (SEQ - 2)]
-    assert (forward.input_pos.item(), forward.input_length.item()) == (20, 2)
+    prefill = cache.prepare("prefill", [1, 2])
+    assert prefill.mask.shape == (1, SEQ, CACHE + SEQ) and (prefill.mask[..., :CACHE] == 0).all()  # a full ring
+    assert (prefill.mask[0, :, CACHE:] == 0).equal(torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    assert prefill.tokens.tolist() == [[1, 2] + [0] * (SEQ - 2)] and prefill.tokens.dtype == torch.int32
+    assert prefill.last_valid_token_pos.item() == 1
+    # The rotary rows of positions 20..27, as the table has them.
+    assert torch.equal(prefill.freqs_cos, program.rope[0][20:20 + SEQ])
+    assert torch.equal(prefill.freqs_sin, program.rope[1][20:20 + SEQ])
 
 
 def test_the_window_matters(checkpoint):

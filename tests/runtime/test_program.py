@@ -23,7 +23,9 @@ def test_the_twin_states_what_the_runner_needs(twin):
     assert program.info == ModelInfo(seq_length=SEQ, max_seq_length=MAX, cache_size=CACHE, n_layers=2, n_kv_heads=2,
                                      head_dim=16, dtype="fp32", vocab_size=320, use_cache_list=True, bos_id=1,
                                      eos_ids=(2, 3))
-    assert program.methods == {"forward": SEQ, "decode": 1}
+    assert program.methods == {"forward": 1, "prefill": SEQ}
+    cos, sin = program.rope
+    assert cos.shape == sin.shape == (MAX, 8) and cos.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", TWINS)
@@ -42,28 +44,28 @@ def test_twin_generation_past_the_window_matches_the_windowed_reference(twin, na
         torch.testing.assert_close(logits, expected[start + n - 1], atol=float_bounds.TINY_FP32_ATOL, rtol=0)
 
 
-def test_the_decode_method_is_used_and_agrees_with_forward_only(twin):
+def test_the_decode_method_is_used_and_agrees_with_prefill_only(twin):
     program = PteProgram(twin("list-decode"))
     used, run = [], program.run
     program.run = lambda method, call: used.append(method) or run(method, call)
     with_decode = greedy(program)
-    assert used == ["forward"] * 3 + ["decode"] * (len(with_decode) - 1)
+    assert used == ["prefill"] * 3 + ["forward"] * (len(with_decode) - 1)
     used.clear()
-    program.methods = {"forward": SEQ}
+    program.methods = {"prefill": SEQ}
     assert greedy(program) == with_decode
-    assert used == ["forward"] * (3 + len(with_decode) - 1)
+    assert used == ["prefill"] * (3 + len(with_decode) - 1)
 
 
-def test_a_program_without_metadata_needs_max_seq_length(bare_pte, checkpoint):
+def test_the_eager_model_generates_what_the_twin_does(twin, checkpoint):
+    eager = open_eager(checkpoint, seq_length=SEQ, max_seq_length=MAX, cache_size=CACHE)
+    assert greedy(eager) == greedy(PteProgram(twin("list-decode")))
+
+
+def test_a_program_without_its_rotary_table_is_refused(bare_pte):
     with pytest.raises(UserError) as err:
         PteProgram(bare_pte)
-    message = str(err.value)
-    assert message.startswith(f"{bare_pte}: has no runner metadata") and "pass --max_seq_length" in message
-    assert "\n" not in message
-    program = PteProgram(bare_pte, max_seq_length=MAX)
-    assert (program.info.seq_length, program.info.cache_size, program.info.bos_id) == (SEQ, CACHE, None)
-    eager = open_eager(checkpoint, seq_length=SEQ, max_seq_length=MAX, cache_size=CACHE)
-    assert greedy(program) == greedy(eager)
+    assert str(err.value) == (f"{bare_pte}: has no freqs_cos or freqs_sin constant method (its rotary table): "
+                              "not a program of this ane-build; export it again")
 
 
 @pytest.mark.parametrize("flag, value", [("seq_length", 16), ("cache_size", 4), ("dtype", "fp16")])
@@ -94,7 +96,7 @@ def test_a_program_that_is_not_a_llama_is_refused(tmp_path):
     with pytest.raises(UserError) as err:
         PteProgram(path)
     assert str(err.value) == (f"{path}: forward takes inputs of shapes [(4,)]; expected an ane-build Llama's "
-                              "(tokens, input_pos, input_length, k caches, v caches, attn_mask)")
+                              "(tokens, mask, freqs_cos, freqs_sin, k caches, v caches, last_valid_token_pos)")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a program", b"x" * 200])

@@ -6,6 +6,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ane_build.model import io
+from ane_build.model.ane_llama import rope_table
 from ane_build.model.rewrites import DTYPES
 from ane_build.stages import export, quantize
 from ane_build.util.errors import UserError
@@ -131,15 +132,24 @@ def test_a_twin_lowered_from_a_wrong_weight_is_caught(builds, wrong_twin):
 
 def test_runner_metadata_is_in_both_programs(builds):
     entries, _ = builds("fp16-c4w-list-decode")
-    expected = {"seq_length": 8, "max_seq_length": 32, "cache_size": 24, "n_layers": 2, "n_kv_heads": 2,
+    # cache_size: max_seq_length - 1, the default with a decode method.
+    expected = {"seq_length": 8, "max_seq_length": 32, "cache_size": 31, "n_layers": 2, "n_kv_heads": 2,
                 "head_dim": 64, "dtype": "fp16", "vocab_size": 4096, "bos_id": 1, "eos_ids": [2, 3],
                 "use_cache_list": True}
+    spec = io.read_spec(entries["export"])
+    cos, sin = rope_table(spec["params"], 32, torch.float16)
+    assert cos.shape == (32, 32)
     for file in (export.MODEL_FILE, export.TWIN_FILE):
         program = load(entries["export"] / file)
-        assert program.method_names == {"forward", "decode", *expected}
+        assert program.method_names == {"forward", "prefill", "freqs_cos", "freqs_sin", *expected}
         got = {name: program.load_method(name).execute([]) for name in expected}
         # ExecuTorch returns a list from every method; a list constant comes back as it is.
         assert got == {name: v if isinstance(v, list) else [v] for name, v in expected.items()}
+        # The rotary table a runner slices each call's rows from, to the bit.
+        assert torch.equal(program.load_method("freqs_cos").execute([])[0], cos)
+        assert torch.equal(program.load_method("freqs_sin").execute([])[0], sin)
+    # What upstream's runners build their ModelArgs from, beside the programs.
+    assert json.loads((entries["export"] / io.PARAMS_FILE).read_text()) == spec["params"] == WIDE
 
 
 def test_a_second_method_shares_the_weights(builds):

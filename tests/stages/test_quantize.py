@@ -28,8 +28,8 @@ def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_pat
     params = {"linear": "c4w", "embedding": "8,0"}
     entry = run(rewritten, tmp_path, params)
     spec = io.read_spec(entry)
-    assert spec["programs"] == {"forward": {"file": "forward.pt2", "seq_length": 8},
-                                "decode": {"file": "decode.pt2", "seq_length": 1}}
+    assert spec["programs"] == {"forward": {"file": "forward.pt2", "seq_length": 1},
+                                "prefill": {"file": "prefill.pt2", "seq_length": 8}}
     assert (entry / TOKENIZER[0]).read_bytes() == TOKENIZER[1]
 
     eager = quantize.quantized_model(rewritten, params)
@@ -42,12 +42,12 @@ def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_pat
 
 
 def test_the_programs_are_the_same_exported_beside_or_one_after_the_other(rewritten, tmp_path, monkeypatch):
-    """ANE_BUILD_JOBS=2 exports decode in a forked copy of the process; 1, after forward, in it."""
+    """ANE_BUILD_JOBS=2 exports prefill in a forked copy of the process; 1, after forward, in it."""
     entries = {}
     for jobs in ("2", "1"):
         monkeypatch.setenv("ANE_BUILD_JOBS", jobs)
         entries[jobs] = run(rewritten, tmp_path / jobs, {"linear": "c8w", "embedding": "8,0"})
-    for name in ("forward.pt2", "decode.pt2", "spec.json"):
+    for name in ("forward.pt2", "prefill.pt2", "spec.json"):
         assert (entries["2"] / name).read_bytes() == (entries["1"] / name).read_bytes(), name
 
 

@@ -7,20 +7,24 @@ import pytest
 from executorch.runtime import Runtime
 
 from ane_build.analysis import cost
+from ane_build.bundle import verify
 from ane_build.cache import keys
-from ane_build.stages import release
+from ane_build.model import io, rewrites
 from ane_build.util.errors import UserError
 from tests.stages.tiny_export import (
+    CHAT_TEMPLATE,
     CORE_ML_STAND_IN,
     STAGE_KEYS,
+    chat_entries,
     read_json,
     released,
     run_release,
+    run_smoke,
     tiny_recipe,
 )
 
 NAME = "tiny-phone"  # the recipe tiny/phone
-FILES = ["README.md", "delegation.txt", "manifest.json", "model.pte", "smoke.md", "tokenizer.model"]
+FILES = ["README.md", "delegation.txt", "manifest.json", "model.pte", "params.json", "smoke.md", "tokenizer.model"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,8 @@ def test_the_bundle_holds_what_the_device_needs_and_no_twin(built):
     assert sorted(p.name for p in built["release"].iterdir()) == [NAME]
     assert sorted(p.name for p in (built["release"] / NAME).iterdir()) == sorted([*FILES, f"{NAME}.tar.gz"])
     assert (built["release"] / NAME / "model.pte").read_bytes() == CORE_ML_STAND_IN
+    # The model's params, as upstream's runners read them (``--params``).
+    assert read_json(built["release"] / NAME / "params.json") == read_json(built["export"] / "spec.json")["params"]
 
 
 def test_the_manifest_hashes_every_file_and_says_how_it_was_made(built):
@@ -122,11 +128,20 @@ def test_the_readme_tells_an_app_developer_what_the_manifest_says(built):
     meta, smoke = manifest["runner_metadata"], manifest["smoke"]
     assert manifest["methods"] == {"forward": meta["seq_length"]} and manifest["tokenizer"] == "tokenizer.model"
     program = Runtime.get().load_program(built["export"] / "twin.pte")
-    assert manifest["logits_shape"] == list(program.metadata("forward").output_tensor_meta(0).sizes())
+    logits_shape = [1, meta["vocab_size"]]
+    assert list(program.metadata("forward").output_tensor_meta(0).sizes()) == logits_shape
+    cache, n_kv, hd = meta["cache_size"], meta["n_kv_heads"], meta["head_dim"]
     for said in ("iOS/iPadOS 18, macOS 15 or later", "`CPU_AND_NE` (the CPU and the Neural Engine)",
                  f"swiftpm-{keys.toolchain_versions()['executorch']}", "`backend_coreml`", "-all_load",
                  'Module(filePath:', 'try module.load("forward")', "The tokenizer is `tokenizer.model`",
-                 f"`forward` ({meta['seq_length']} tokens per call)", f"`{manifest['logits_shape']}`", f"`cache_size` = {meta['cache_size']}",
+                 "`run_static_llm_multifunction.py` drives it with `params.json` and the tokenizer",
+                 f"`forward` ({meta['seq_length']} tokens per call)", "`tokens` `[1, S]` int32",
+                 f"`mask` `[1, S, {cache} + S]`", f"`freqs_cos` and `freqs_sin` `[S, {hd // 2}]`",
+                 f"{meta['n_layers']} key caches, then {meta['n_layers']} value caches, each "
+                 f"`[1, {n_kv}, {cache}, {hd}]`", "`last_valid_token_pos` `[1]` int64",
+                 f"`{logits_shape}`", f"new value rows, `[1, {n_kv}, S, {hd}]` per layer",
+                 f"`freqs_cos`, `freqs_sin` `[{meta['max_seq_length']}, {hd // 2}]`, the rotary table",
+                 f"`cache_size` = {meta['cache_size']}",
                  f'`dtype` = "{meta["dtype"]}"', f"`eos_ids` = {meta['eos_ids']}",
                  f"on {smoke['eval_positions']} positions", f"top-1 agreement {smoke['eval_top1_agreement']:.3f}",
                  f"mean KL divergence {smoke['eval_mean_kld']:.4f}"):
@@ -146,11 +161,16 @@ def test_the_manifest_and_readme_carry_the_decode_cost(built):
             in readme) and "tokens/s at most" not in readme
 
 
-@pytest.mark.parametrize("vocab, split, shape", [(49152, 1024, [1, 8, 6144]), (320, 1024, [1, 320]),
-                                                 (320, None, [1, 320])])
-def test_the_logits_shape_follows_the_lm_heads_split(vocab, split, shape):
-    spec = {"params": {"vocab_size": vocab}, "ane": {"target_split_size": split, "max_splits": 8}}
-    assert release.logits_shape(spec) == shape
+def test_the_logits_are_flat_whatever_the_lm_heads_split(built):
+    """The manifest no longer states a logits shape: every program returns [1, vocab], its LM head's
+    chunks joined in the graph (the tiny export's head is cut in several)."""
+    spec = read_json(built["export"] / "spec.json")
+    vocab, ane = spec["params"]["vocab_size"], spec["ane"]
+    assert rewrites.split_count(vocab, ane["target_split_size"], ane["max_splits"]) > 1
+    assert "logits_shape" not in read_json(built["release"] / NAME / "manifest.json")
+    program = Runtime.get().load_program(built["export"] / "twin.pte")
+    for method in io.methods(ane):
+        assert list(program.metadata(method).output_tensor_meta(0).sizes()) == [1, vocab], method
 
 
 def test_the_bundle_carries_the_exports_lint(inputs, tmp_path):
@@ -169,3 +189,22 @@ def test_a_build_without_the_lint_says_so(built):
     bundle = built["release"] / NAME
     assert read_json(bundle / "manifest.json")["ane_lint"] is None and not (bundle / "lint.md").exists()
     assert "The Neural Engine lint was off for this build." in (bundle / "README.md").read_text()
+
+
+def test_a_chat_models_bundle_ships_its_chat_template_beside_the_tokenizer(tmp_path_factory, tmp_path):
+    inputs = {"export": chat_entries(tmp_path_factory)["export"], "smoke": tmp_path / "smoke"}
+    run_smoke(chat_entries(tmp_path_factory), inputs["smoke"], chat=True)
+    run_release(inputs, tmp_path / "release", tiny_recipe(chat=True))
+    bundle = tmp_path / "release" / NAME
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*FILES, "chat_template.jinja", f"{NAME}.tar.gz"])
+    assert (bundle / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    manifest, readme = read_json(bundle / "manifest.json"), (bundle / "README.md").read_text()
+    assert manifest["chat_template"] == "chat_template.jinja" and "chat_template.jinja" in manifest["files"]
+    assert "`chat_template.jinja` is the checkpoint's chat template" in readme and "ane-build run --chat" in readme
+    assert verify.verify(bundle) == [] and verify.verify(bundle / f"{NAME}.tar.gz") == []
+
+
+def test_a_bundle_without_a_chat_template_says_nothing_of_one(built):
+    bundle = built["release"] / NAME
+    assert read_json(bundle / "manifest.json")["chat_template"] is None
+    assert "chat template" not in (bundle / "README.md").read_text()

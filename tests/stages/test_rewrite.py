@@ -46,7 +46,7 @@ def test_entry_rebuilds_the_rewritten_model(tmp_path, ane_params):
     exact_dtype = float_bounds.REFERENCE_DTYPES[dtype]
 
     def plain(in_dtype):
-        return AneLlama.from_weights(params, tiny_weights(params), ane_params["max_seq_length"]).to(in_dtype)
+        return AneLlama.from_weights(params, tiny_weights(params)).to(in_dtype)
     inputs = later_call_inputs(spec, ane_params["seq_length"])
     exact = plain(exact_dtype)(*float_bounds.cast_floats(inputs, exact_dtype))[0]
     plain_distance = float_bounds.distance(plain(dtype)(*inputs)[0], exact)
@@ -78,8 +78,16 @@ def test_checkpoint_that_contradicts_its_params(tmp_path):
 
 
 def test_cache_that_does_not_fit_the_context(tmp_path):
-    with pytest.raises(UserError, match=r"ane\.cache_size=30"):
-        run(tmp_path, ane(cache_size=30))
+    with pytest.raises(UserError) as err:
+        run(tmp_path, ane(cache_size=32))
+    assert str(err.value) == "ane.cache_size=32: expected 1 <= cache_size < max_seq_length = 32"
+
+
+def test_cache_size_defaults_to_what_the_methods_leave(tmp_path):
+    """max_seq_length - 1 with a decode method (prefill and decode share the caches), else room for a call."""
+    spec = io.read_spec(run(tmp_path, ane(decode_method=True)))
+    assert spec["ane"]["cache_size"] == 32 - 1
+    assert rewrite.resolve(ane())["cache_size"] == 32 - 8
 
 
 def test_fp16_state_is_stored_in_fp16(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 from ane_build.runtime import cpu_kernels
 from ane_build.stages import smoke
 from ane_build.util.errors import UserError
-from tests.stages.tiny_export import SMOKE, convert_entry, entries, read_json, released, run_smoke
+from tests.stages.tiny_export import SMOKE, chat_entries, convert_entry, entries, read_json, released, run_smoke
 from tests.tiny_llama import tiny_params, tiny_weights
 
 
@@ -134,3 +134,27 @@ def test_a_stop_token_ends_the_text_but_every_position_is_scored(fp32, tmp_path,
     assert stopped["generated_ids"] == free["generated_ids"][:first]
     assert stopped["text"] != free["text"] and free["text"].startswith(stopped["text"].rstrip())
     assert (stopped["positions"], stopped["program_ids"]) == (SMOKE["n_steps"], free["program_ids"])
+
+
+def test_a_chat_model_reads_each_prompt_as_a_users_message(tmp_path_factory, tmp_path):
+    inputs = chat_entries(tmp_path_factory)
+    run_smoke(inputs, tmp_path / "smoke", chat=True)
+    report = read_json(tmp_path / "smoke" / smoke.REPORT_JSON)
+    plain = read_json(released(tmp_path_factory)["smoke"] / smoke.REPORT_JSON)
+    assert report["chat_template"] == "chat_template.jinja" and report["settings"]["chat"] is True
+    for r, message in zip(report["prompts"], SMOKE["prompts"]):
+        assert r["prompt"] == message and r["rendered_prompt"] == f"<s>[INST] {message} [/INST]"
+        assert r["prompt_ids"][0] == 1 and r["prompt_ids"].count(1) == 1  # the template's bos, and no other
+        assert r["top1_agreement"] == 1.0
+    # The evaluation text is read as plain text: the same numbers as without the template.
+    assert report["eval_text"] == plain["eval_text"]
+    text = (tmp_path / "smoke" / smoke.REPORT_MD).read_text()
+    assert "each prompt is a user's message, which the program read through the checkpoint's chat template" in text
+    first = report["prompts"][0]
+    assert f"User:\n\n```\n{first['prompt']}\n```\n\nAssistant:\n\n```\n{first['text'].strip()}\n```" in text
+    assert "[INST]" not in text and "<s>" not in text
+
+
+def test_a_chat_recipe_needs_the_template_in_its_export_entry(fp32, tmp_path):
+    message = fails(fp32, tmp_path / "smoke", chat=True)
+    assert message == f"chat: true, but the export entry {fp32['export']} has no chat template beside its tokenizer"

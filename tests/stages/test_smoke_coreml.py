@@ -132,10 +132,11 @@ DAMAGES = {
     "a weight's scales negated": ("fp32-c8w", lambda pte, out: coreml_damage.scales_changed(pte, out)),
     "a weight's scales doubled": ("fp16-c8w", lambda pte, out: coreml_damage.scales_changed(
         pte, out, which=3, change=lambda scale: 2 * scale)),
-    "transpose_y flipped in decode": ("fp16-c8w", lambda pte, out: coreml_damage.attribute_flipped(
-        pte, out, "decode", "matmul", "transpose_y")),
+    # forward is the one-token decode, prefill the seq_length call (upstream's names).
     "transpose_y flipped in forward": ("fp16-c8w", lambda pte, out: coreml_damage.attribute_flipped(
         pte, out, "forward", "matmul", "transpose_y")),
+    "transpose_y flipped in prefill": ("fp16-c8w", lambda pte, out: coreml_damage.attribute_flipped(
+        pte, out, "prefill", "matmul", "transpose_y")),
     "the LM head's palettes reversed": ("fp16-lut4", lambda pte, out: coreml_damage.palettes_reversed(pte, out)),
 }
 

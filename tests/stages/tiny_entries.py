@@ -5,7 +5,7 @@ from torch.utils import _pytree as pytree
 
 from ane_build.checkpoint import canonical
 from ane_build.model import io
-from ane_build.model.ane_llama import attention_mask
+from ane_build.model.ane_llama import attention_mask, rope_table
 from ane_build.model.rewrites import DTYPES
 from ane_build.stages import export, quantize, rewrite
 from tests.tiny_llama import tiny_params, tiny_weights
@@ -53,14 +53,15 @@ def later_call_inputs(spec, seq_length, seed=0):
     """Inputs of a call past the start: random cached rows, half the cache open, a short input.
 
     Exercises what a first call (empty caches, all cache columns masked) would not: the
-    cache read, the mask and the last-real-token logits.
+    cache read, the mask, the rotary rows of later positions and the last-real-token logits.
     """
     gen = torch.Generator().manual_seed(seed)
     dtype, cache_size = DTYPES[spec["ane"]["dtype"]], spec["ane"]["cache_size"]
-    tokens, _, _, k_caches, v_caches, _ = io.example_inputs(spec, seq_length)
+    tokens, _, _, _, k_caches, v_caches, _ = io.example_inputs(spec, "prefill", seq_length)
     k_caches, v_caches = pytree.tree_map(lambda c: torch.randn(c.shape, generator=gen).to(dtype),
                                          (k_caches, v_caches))
     filled = cache_size // 2
-    return (torch.randint(0, spec["params"]["vocab_size"], tokens.shape, generator=gen),
-            torch.tensor([filled]), torch.tensor([max(seq_length - 2, 1)]),
-            k_caches, v_caches, attention_mask(seq_length, cache_size, filled, dtype))
+    cos, sin = (table[filled:filled + seq_length] for table in rope_table(spec["params"], filled + seq_length, dtype))
+    return (torch.randint(0, spec["params"]["vocab_size"], tokens.shape, generator=gen, dtype=torch.int32),
+            attention_mask(seq_length, cache_size, filled, dtype), cos, sin, k_caches, v_caches,
+            torch.tensor([max(seq_length - 3, 0)]))

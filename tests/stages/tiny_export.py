@@ -1,7 +1,7 @@
 """Export, convert, smoke and release entries of the tiny Llama for the smoke and release tests.
 
 An export entry is assembled rather than exported: its CPU twin lowered as the export stage
-lowers it, spec.json and the SentencePiece tokenizer as the stage writes them, and a stand-in
+lowers it, spec.json, params.json and the SentencePiece tokenizer as the stage writes them, and a stand-in
 for the Core ML model.pte (no runtime here runs one, and the release only copies it).
 
 Lowering a twin takes seconds, so each entry is built once per test session and shared by
@@ -54,6 +54,24 @@ def entries(tmp_path_factory, variant="fp32"):
     return _built[variant]
 
 
+# A Llama 2-like chat template over the tiny SentencePiece tokenizer's <s> and </s>.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                 "[/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
+def chat_entries(tmp_path_factory):
+    """The fp32 entries as a chat model's: its export entry (copied) with a chat template beside the
+    tokenizer, as convert and the stages after it carry one (built once)."""
+    if "chat" not in _built:
+        fp32 = entries(tmp_path_factory)
+        export_dir = tmp_path_factory.mktemp("chat") / "export"
+        shutil.copytree(fp32["export"], export_dir)
+        (export_dir / canonical.CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE)
+        io.write_spec({**io.read_spec(export_dir), "chat_template": canonical.CHAT_TEMPLATE_FILE}, export_dir)
+        _built["chat"] = {**fp32, "export": export_dir}
+    return _built["chat"]
+
+
 def convert_entry(folder, weights):
     """A canonical checkpoint of the tiny params with the SentencePiece tokenizer (bos 1, eos 2)."""
     folder.mkdir(parents=True)
@@ -75,11 +93,13 @@ def export_entry(root, convert):
     spec, out = io.read_spec(dirs["quantize"]), root / "export"
     out.mkdir()
     metadata = io.runner_metadata(spec)
-    export.write_pte(export.lower_twin(export.load_programs(dirs["quantize"], spec), metadata), out / export.TWIN_FILE)
+    export.write_pte(export.lower_twin(export.load_programs(dirs["quantize"], spec), io.constant_methods(spec)),
+                     out / export.TWIN_FILE)
     (out / export.MODEL_FILE).write_bytes(CORE_ML_STAND_IN)
     methods = {m: {"partitions": 1, "delegated_ops": 1, "cpu_ops": {}} for m in io.methods(spec["ane"])}
     export.write_report({"delegated_share": 1.0, "coreml_partitions": len(methods), "methods": methods}, out)
     shutil.copyfile(dirs["quantize"] / spec["tokenizer"], out / spec["tokenizer"])
+    io.write_params(spec, out)
     io.write_spec({**spec, "export": export.resolve({}, spec), "metadata": metadata}, out)
     cost.write(spec, out)
     return out
@@ -90,9 +110,9 @@ def run_smoke(inputs, out_dir, **overrides):
     return smoke.run(inputs, {**SMOKE, **overrides}, out_dir)
 
 
-def tiny_recipe(**release_section):
+def tiny_recipe(chat=False, **release_section):
     """A resolved recipe as recipe.load makes it, its source a local folder."""
-    rec = recipe.validate({"source": {"path": "/home/someone/models/tiny"}, "device": "Tiny Phone",
+    rec = recipe.validate({"source": {"path": "/home/someone/models/tiny"}, "device": "Tiny Phone", "chat": chat,
                            "smoke": SMOKE, "release": release_section}, "recipes/tiny/phone.yaml")
     return {**rec, "name": "tiny/phone", "path": "recipes/tiny/phone.yaml"}
 
