@@ -60,8 +60,11 @@ def key_params(stage, recipe, file_sha256):
         # The evaluation text comes with Python, and its bytes differ between some releases.
         return {"smoke": recipe["smoke"], **flags(stage, recipe), "eval_text_sha256": quality.eval_text()[1]}
     if stage.name == "release":
-        # The bundle's manifest records the whole recipe (name and device too), so it is keyed on it.
-        return {"recipe": recorded(recipe)}
+        from ane_build.bundle import runner_sources
+
+        # The bundle's manifest records the whole recipe (name and device too), so it is keyed on it;
+        # it carries the native runner's sources, which are not Python: the import graph misses them.
+        return {"recipe": recorded(recipe), "runner_sources_sha256": runner_sources.sha256()}
     return {**{section: recipe[section] for section in stage.sections}, **flags(stage, recipe)}
 
 

@@ -55,7 +55,7 @@ def main():
     export_dir = args.export or default_export()
     spec = json.loads((export_dir / "spec.json").read_text())
     methods = cost.costs(spec)
-    sides = {"seed: forward, 64 tokens a call": "forward", "ours: decode, 1 token a call": "decode"}
+    sides = {"the seed's way: prefill, 64 tokens a call": "prefill", "ours: forward, 1 token a call": "forward"}
     devices = list(cost.DEVICE_BANDWIDTH)
     print("| method | MB read per token | GMACs per token | padding waste | "
           + " | ".join(f"bound on {d} (tokens/s)" for d in devices) + " | twin on this host (tokens/s) |")

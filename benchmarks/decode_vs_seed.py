@@ -59,7 +59,7 @@ def seed(checkpoint_dir, prompt_ids, tokens, dtype, info):
     manager = InputManager(n_layers=p.n_layers, max_batch_size=p.max_batch_size, n_kv_heads=p.n_kv_heads,
                            max_seq_length=info.max_seq_length, head_dim=p.head_dim, use_cache_list=False,
                            seq_length=info.seq_length, dtype=float_dtype, minus_infinity=-30000.0,
-                           cache_size=info.cache_size)
+                           cache_size=info.max_seq_length - info.seq_length)  # the seed's own window
     pending, generated, seconds = list(prompt_ids), [], {"prefill": 0.0, "decode": 0.0}
     with torch.no_grad():
         while len(generated) < tokens:

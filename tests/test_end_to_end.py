@@ -45,9 +45,10 @@ def test_default_export_is_one_fully_delegated_core_ml_program_with_a_twin(built
     export = artifacts / "recipes" / RECIPE / "export"
     report = json.loads((export / "delegation.json").read_text())
     assert report["delegated_share"] == 1.0 and report["cpu_ops"] == {}
-    assert {m: r["partitions"] for m, r in report["methods"].items()} == {"forward": 1, "decode": 1}
+    assert {m: r["partitions"] for m, r in report["methods"].items()} == {"forward": 1, "prefill": 1, "verify": 1}
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["metrics"]["pte_over_ideal"] < 1.1
+    assert manifest["metrics"]["lint_findings"] == 0  # what the lint allows is listed in lint.md
     assert (export / "twin.pte").stat().st_size > 0
 
 
@@ -84,7 +85,7 @@ def test_smoke_ran_the_core_ml_program_too_and_it_agrees_with_the_twin_within_th
     folder = artifacts / "recipes" / RECIPE
     report = json.loads((folder / "smoke" / "smoke.json").read_text())
     summary, settings = report["summary"], report["settings"]
-    assert report["coreml"]["eval_text"]["positions"] == 63
+    assert report["coreml"]["eval_text"]["positions"] == 511  # through the verify method
     assert summary["coreml_min_top1_agreement"] >= settings["min_top1_agreement"]
     assert summary["coreml_eval_top1_agreement"] >= settings["min_top1_agreement"]
     assert summary["coreml_eval_mean_kld"] <= settings["max_mean_kld"]
@@ -116,3 +117,30 @@ def test_release_bundle_verifies(built):
         proc = subprocess.run([sys.executable, "-m", "ane_build.cli.main", "verify", str(target)],
                               capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stdout.startswith("ok: "), proc.stderr
+
+
+@pytest.mark.slow
+def test_upstreams_runner_and_lookahead_write_what_ane_build_run_writes_on_the_twin(built):
+    """ExecuTorch's run_static_llm_multifunction.py, unmodified from the wheel, and ``--lookahead``
+    (upstream's lookahead_decode on the verify method): the greedy text of ``ane-build run``."""
+    from tests.runtime.test_upstream_runner import generated_text
+
+    artifacts, _, _ = built
+    export = artifacts / "recipes" / RECIPE / "export"
+    prompt, n = "Once upon a time,", "24"
+
+    def run(*argv):
+        proc = subprocess.run([sys.executable, *argv], cwd=export, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    upstream = run("-m", "executorch.examples.apple.coreml.llama.run_static_llm_multifunction", "-m", "twin.pte",
+                   "-p", "params.json", "-t", "tokenizer.json", "--input_len", "64", "--max_context_len", "1024",
+                   "--temperature", "0", "--prompt", prompt, "--max_new_tokens", n)
+    ours = run("-m", "ane_build.cli.main", "run", "-m", "twin.pte", "--temperature", "0", "--prompt", prompt,
+               "--n_steps", n)
+    lookahead = run("-m", "ane_build.cli.main", "run", "-m", "twin.pte", "--temperature", "0", "--prompt", prompt,
+                    "--n_steps", n, "--lookahead")
+    assert len(ours) > len(prompt) + 40
+    assert prompt + generated_text(upstream, prompt) + "\n" == ours == lookahead
+

@@ -29,13 +29,20 @@ def render(manifest):
              f"{recipe.get('description') or recipe['name']} for {manifest['device'] or 'any device'}, "
              f"built by ane-build from the recipe `{recipe['name']}`.", ""]
     lines += _files(manifest) + _requirements(manifest) + _loading(manifest) + _calls(meta, manifest)
+    lines += _run(manifest)
     lines += _quality(manifest["smoke"]) + _speed(manifest["decode_cost"])
     return "\n".join(lines) + "\n"
 
 
 def _files(manifest):
-    files = {name: f for name, f in manifest["files"].items() if name != README}
+    files = {name: f for name, f in manifest["files"].items() if name != README and "/" not in name}
     rows = [f"| `{name}` | {f['size']:,} | `{f['sha256'][:16]}…` |" for name, f in sorted(files.items())]
+    folders = {}  # a folder's files are one row: manifest.json lists each
+    for name, f in manifest["files"].items():
+        if "/" in name:
+            folders.setdefault(name.split("/")[0], []).append(f["size"])
+    rows += [f"| `{folder}/` | {sum(sizes):,} | {len(sizes)} files: each in `manifest.json` |"
+             for folder, sizes in sorted(folders.items())]
     return ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|", *rows, "",
             "`manifest.json` lists each file's full sha256 and how the bundle was made; "
             "`ane-build verify <this folder>` checks every file against it, this README included. "
@@ -123,6 +130,83 @@ def _calls(meta, manifest):
             "absolute).", "",
             f"Constant methods (no input, one value each): {constants}; and `freqs_cos`, `freqs_sin` "
             f"`[{meta['max_seq_length']}, {hd // 2}]`, the rotary table.", ""]
+
+
+def _run(manifest):
+    """How an app runs the program with the bundle's native runner (bundles from before it say nothing)."""
+    if not any(name.startswith("runner/") for name in manifest["files"]):
+        return []
+    executorch = manifest["toolchain"]["executorch"]
+    return ["## Run it", "",
+            "`runner/` holds the sources of ane-build's native runner: a C++17 library over the ExecuTorch runtime "
+            "that owns the caches and makes the calls above, with a C ABI (`runner/include/ane_runner.h` documents "
+            "each function; `runner/README.md`). Link the Swift package https://github.com/pytorch/executorch at "
+            f"branch `swiftpm-{executorch}`, products `executorch` and `backend_coreml` (the backend with "
+            "`-all_load`, or `-force_load` of it, as Requirements says; and `kernels_optimized` if "
+            "`delegation.txt` lists ops left on the CPU), then either:", "",
+            "- add `runner/src` and `runner/include` to the app's Xcode target (C++17: their ExecuTorch headers, "
+            "`executorch/extension/module/module.h` and `executorch/extension/tensor/tensor.h`, come with the "
+            "`executorch` product), with `runner/include` in its header search paths and its Swift import paths "
+            "(`SWIFT_INCLUDE_PATHS`), so that Swift can `import ANERunner` (`runner/include/module.modulemap`); or",
+            "- build `runner/` with CMake against ExecuTorch's Apple build (ExecuTorch built from source for iOS "
+            "or macOS with its Core ML backend, and installed): `cmake -S runner -B runner/build-ios -G Xcode "
+            "-DCMAKE_SYSTEM_NAME=iOS -DCMAKE_PREFIX_PATH=<that install> -DANE_RUNNER_COREML=ON "
+            "-DBUILD_SHARED_LIBS=OFF && cmake --build runner/build-ios --config Release --target ane_runner`, "
+            "and link `libane_runner.a` with that install's libraries, `runner/include` in the import paths. "
+            "On a Mac, `cmake -S runner -B runner/build -DANE_RUNNER_COREML=ON` builds it against the macOS "
+            "`executorch` Python wheel, with the `ane-runner` command-line tool.", "",
+            "A decode loop in Swift over the C ABI; tokenization stays with the app (ids in, ids out):", "",
+            "```swift", *_swift_loop(manifest["runner_metadata"].get("eos_ids") or []), "```", "",
+            (f"`promptIds` is the conversation rendered with `{manifest['chat_template']}`, then encoded with "
+             f"`{manifest['tokenizer']}` as Loading says"
+             if manifest.get("chat_template") and manifest["recipe"].get("chat") else
+             f"`promptIds` is the prompt encoded with `{manifest['tokenizer']}`")
+            + "; decode the emitted ids with the same tokenizer. The loop opens the program each time to stay "
+            "short, but `ane_runner_open` compiles the Core ML model on first use: an app opens it once, off the "
+            "main thread, and keeps the handle (one per thread); `ane_runner_prefill` of a conversation's next turn "
+            "continues it, `ane_runner_reset` starts a new one.",
+            "",
+            "This loop cannot be compiled or run on Linux, where ane-build builds and tests bundles: it needs "
+            "Xcode, the ExecuTorch package's Apple frameworks and Core ML. The release workflow's Mac job builds "
+            "`runner/` against the macOS wheel with `-DANE_RUNNER_COREML=ON` and runs the default bundle's "
+            "`model.pte` with its `ane-runner` tool, which makes the same C calls.", ""]
+
+
+def _swift_loop(eos_ids):
+    return ["import Foundation",
+            "import ANERunner  // runner/include/module.modulemap", "",
+            "struct ANERunnerError: Error {",
+            "    let message: String",
+            "}", "",
+            "/// Generates ids after `promptIds` and hands each to `emit`, until a stop id, a full context",
+            "/// or `maxNewTokens`.",
+            "func generate(promptIds: [Int32], maxNewTokens: Int, emit: (Int32) -> Void) throws {",
+            '    guard let path = Bundle.main.path(forResource: "model", ofType: "pte") else {',
+            '        throw ANERunnerError(message: "model.pte is not in the app bundle")',
+            "    }",
+            "    guard let runner = ane_runner_open(path) else {  // nil: ane_runner_last_error(nil) says why",
+            "        throw ANERunnerError(message: String(cString: ane_runner_last_error(nil)))",
+            "    }",
+            "    defer { ane_runner_close(runner) }",
+            "    func check(_ status: ane_runner_status) throws {  // a failed call leaves its message on the handle",
+            "        if status != ANE_RUNNER_OK {",
+            '            throw ANERunnerError(message: "status \\(status.rawValue): "',
+            "                                 + String(cString: ane_runner_last_error(runner)))",
+            "        }",
+            "    }",
+            f"    let stopIds: [Int32] = {json.dumps(eos_ids)}  // the program's eos_ids (the default); add the app's",
+            "    try check(ane_runner_set_stop_ids(runner, stopIds, stopIds.count))",
+            "    var sampling = ane_runner_sampling(temperature: 0, top_p: 1, seed: 0)  // greedy",
+            "    try check(ane_runner_set_sampling(runner, &sampling))",
+            "    try check(ane_runner_prefill(runner, promptIds, promptIds.count))",
+            "    var id: Int32 = 0",
+            "    for _ in 0..<maxNewTokens {",
+            "        let status = ane_runner_next(runner, &id)",
+            "        if status == ANE_RUNNER_STOPPED || status == ANE_RUNNER_CONTEXT_FULL { break }",
+            "        try check(status)",
+            "        emit(id)",
+            "    }",
+            "}"]
 
 
 def _quality(smoke):

@@ -3,7 +3,9 @@
 It runs the very stage code the recipes use (rewrite, quantize, export) on a checkpoint
 given as ``-p params.json -c checkpoint``, in a scratch folder, and writes the Core ML
 ``.pte`` to ``-n`` (its CPU twin, delegation report and Neural Engine lint beside it). Without
-``--decode_method`` the program has the seed's single ``forward`` method.
+``--decode_method`` the program has the seed's single ``forward`` method; with it, upstream's
+multifunction pair (a one-token ``forward``, a seq_length ``prefill``); ``--verify_method`` adds
+``verify`` (every position's logits).
 """
 
 import os
@@ -43,7 +45,10 @@ def add_arguments(parser):
     parser.add_argument("--max_splits", type=int, default=8, help="at most this many chunks per linear")
     parser.add_argument("--dtype", default="fp16", help="fp16 or fp32")
     # Beyond the seed: what recipes can set too.
-    parser.add_argument("--decode_method", action="store_true", help="add a one-token decode method")
+    parser.add_argument("--decode_method", action="store_true",
+                        help="forward decodes one token and prefill takes seq_length (upstream's multifunction form)")
+    parser.add_argument("--verify_method", action="store_true",
+                        help="add verify: seq_length tokens, every position's logits (lookahead decoding)")
     parser.add_argument("--group_size", type=int, default=32, help="b4w block size")
     parser.add_argument("--minimum_deployment_target", default="iOS18")
     parser.add_argument("--compute_unit", default="CPU_AND_NE")
@@ -57,7 +62,7 @@ def recipe_from_flags(args):
         "ane": {"dtype": args.dtype, "seq_length": args.seq_length, "max_seq_length": args.max_seq_length,
                 "cache_size": args.cache_size, "use_cache_list": args.use_cache_list,
                 "target_split_size": args.target_split_size, "max_splits": args.max_splits,
-                "decode_method": args.decode_method},
+                "decode_method": args.decode_method, "verify_method": args.verify_method},
         "quantize": {"linear": args.coreml_quantize or "none", "group_size": args.group_size,
                      "embedding": args.embedding_quantize},
         # The seed reports what stays on the CPU but does not fail on it; likewise the Neural Engine lint.

@@ -10,10 +10,12 @@ the entry's top. It holds what a device app needs and what tells how it was made
 - ``delegation.txt``: what Core ML took, and any op left on the CPU;
 - ``lint.md``: what ``ane-build lint`` found in ``model.pte`` (unless the recipe turned it off);
 - ``smoke.md``: the smoke test's generations, agreement and speeds;
-- ``README.md``: for app developers: requirements, loading, the calling convention, quality
-  (``bundle_readme``, rendered from the manifest);
-- ``manifest.json``: every other file's sha256 and size, the recipe, the stage keys, the
-  toolchain versions, the device and the smoke metrics (``ane-build verify`` checks it).
+- ``runner/``: the native runner's sources (``bundle.runner_sources``), which an app builds in;
+- ``README.md``: for app developers: requirements, loading, the calling convention, running it
+  with the runner, quality (``bundle_readme``, rendered from the manifest);
+- ``manifest.json``: every other file's sha256 and size (by its path in the bundle), the recipe,
+  the stage keys, the toolchain versions, the device and the smoke metrics (``ane-build verify``
+  checks it).
 
 The CPU twin (``twin.pte``) is left out: it stands in for ``model.pte`` on hosts without
 Core ML, which a device is not, and would add a second copy of the weights to every download.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from ane_build.analysis import cost, lint
 from ane_build.bundle import readme as bundle_readme
+from ane_build.bundle import runner_sources
 from ane_build.bundle.readme import README
 from ane_build.bundle.verify import ARCHIVE_SUFFIX, MANIFEST, describe
 from ane_build.cache import keys
@@ -56,6 +59,7 @@ def run(inputs, params, out_dir):
     export_dir, smoke_dir, out_dir = Path(inputs["export"]), Path(inputs["smoke"]), Path(out_dir)
     recipe = recorded(params["recipe"])
     name = bundle_name(recipe)
+    runner_sources.files()  # missing: one error, before anything is written
     bundle = out_dir / name
     bundle.mkdir()
     spec = io.read_spec(export_dir)
@@ -64,10 +68,11 @@ def run(inputs, params, out_dir):
         shutil.copyfile(src, bundle / src.name)
     if (export_dir / lint.MARKDOWN_FILE).exists():  # not with export.ane_lint: off
         shutil.copyfile(export_dir / lint.MARKDOWN_FILE, bundle / lint.MARKDOWN_FILE)
+    runner_sources.copy(bundle)
     manifest = {
         "bundle": name,
         "device": recipe["device"],
-        "files": {f.name: describe(f) for f in sorted(bundle.iterdir())},
+        "files": {rel: describe(bundle / rel) for rel in bundle_files(bundle)},
         "recipe": recipe,
         "stage_keys": params["stage_keys"],
         "toolchain": keys.toolchain_versions(),
@@ -125,17 +130,27 @@ def bundle_name(recipe):
     return name
 
 
+def bundle_files(bundle):
+    """The files in ``bundle``, by their paths in it (POSIX form), sorted."""
+    return sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+
+
 def write_archive(bundle, path):
-    """``bundle`` as ``<name>/<file>`` members of a .tar.gz that is the same bytes for the same files.
+    """``bundle`` as ``<name>/<path>`` members of a .tar.gz that is the same bytes for the same files:
+    its folders as members too, each before what it holds, in sorted order.
 
     Fastest compression: 4-bit weights hardly compress (on the default bundle's model.pte, zlib
     level 9 took 3.6 s to come out 0.8% smaller than level 1 in 2.8 s)."""
     with open(path, "wb") as raw, GzipMembers(raw) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_member(bundle.name, tarfile.DIRTYPE, 0o755))
-        for f in sorted(bundle.iterdir()):
+        for f in sorted(bundle.rglob("*"), key=lambda p: p.relative_to(bundle).parts):
+            member = f"{bundle.name}/{f.relative_to(bundle).as_posix()}"
+            if f.is_dir():
+                tar.addfile(_member(member, tarfile.DIRTYPE, 0o755))
+                continue
             with open(f, "rb") as data:
-                tar.addfile(_member(f"{bundle.name}/{f.name}", tarfile.REGTYPE, 0o644, f.stat().st_size), data)
+                tar.addfile(_member(member, tarfile.REGTYPE, 0o644, f.stat().st_size), data)
     return path
 
 

@@ -53,8 +53,8 @@ def test_every_function_of_a_multifunction_pte_is_read(tmp_path_factory):
     entries, _ = lint_builds.built(tmp_path_factory, "list")
     report = lint.lint(entries["export"] / export.MODEL_FILE)
     assert [(m["label"], list(m["functions"])) for m in report["models"]] == [
-        ("partition 1 (decode, forward)", ["decode", "forward"])]
-    assert {i["function"] for i in report["items"]} == {"decode", "forward"}
+        ("partition 1 (forward, prefill)", ["forward", "prefill"])]
+    assert {i["function"] for i in report["items"]} == {"forward", "prefill"}
 
 
 def test_it_prints_what_the_export_stage_wrote(tmp_path_factory, capsys):
@@ -71,7 +71,8 @@ def test_rank_5_caches_are_flagged(tmp_path_factory):
     entries, _ = lint_builds.built(tmp_path_factory, "tensor")
     report = lint.lint(entries["export"] / export.MODEL_FILE)
     inputs = {i["name"]: i["tensors"][0]["shape"] for i in report["items"] if i["rule"] == "rank" and i["op"] == "input"}
-    assert inputs == {"k_caches": [2, 1, 2, 32, 64], "v_caches": [2, 1, 2, 64, 32]}
+    # [n_layers, 1, n_kv_heads, slots, head_dim], keys as values (no longer transposed).
+    assert inputs == {"k_caches": [2, 1, 2, 96, 64], "v_caches": [2, 1, 2, 96, 64]}
     assert not report["clean"]
 
 
@@ -79,6 +80,9 @@ def test_our_tiny_model_lints_clean(tmp_path_factory):
     entries, _ = lint_builds.built(tmp_path_factory, "list")
     report = lint.lint(entries["export"] / export.MODEL_FILE)
     assert report["clean"], lint.summary(report)
+    # The prefill's 127-column mask, which upstream's convention fixes, is allowed; the decode's is aligned.
+    fixed = {(i["function"], i["name"]) for i in report["items"] if i["allowed"] == "upstream-convention"}
+    assert ("prefill", "attn_mask") in fixed and ("forward", "attn_mask") not in fixed
 
 
 def bad_inputs(root, twin):

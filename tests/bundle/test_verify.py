@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from ane_build.bundle import verify
+from ane_build.bundle import runner_sources, verify
 from ane_build.stages import release
 from ane_build.util.errors import UserError
 from tests.stages.tiny_export import bundle
@@ -44,8 +44,8 @@ def test_a_fresh_bundle_and_its_archive_verify(fresh, capsys):
     for target in (fresh, fresh / f"{fresh.name}.tar.gz"):  # the release folder holds its archive
         assert verify.verify(target) == []
         assert run_main(target) == 0
-        # README.md, delegation.txt, model.pte, params.json, smoke.md, tokenizer.model
-        assert capsys.readouterr().out == "ok: 6 files verified\n"
+        # README.md, delegation.txt, model.pte, params.json, smoke.md, tokenizer.model, and runner/'s sources
+        assert capsys.readouterr().out == f"ok: {6 + len(runner_sources.files())} files verified\n"
 
 
 def rewrite_readme(bundle, text):

@@ -167,7 +167,11 @@ def test_the_workflow_runs_the_plan_it_asks_for(project):
     # matrix fields reach the scripts through the job's env, never expanded into a script
     assert jobs["prefix"]["env"]["TARGETS"] == jobs["release"]["env"]["TARGETS"] == "${{ matrix.targets }}"
     assert all(any(r.endswith("\ndoit $TARGETS\n") for r in runs[name]) for name in ("prefix", "release"))
-    assert jobs["mac"]["env"] == {"RECIPE": "${{ matrix.recipe }}", "KEY": "${{ matrix.key }}"}
+    # DEFAULT_RECIPE: the recipe whose bundle the Mac job also runs with the native runner; doit's default.
+    default = re.search(r'"ANE_BUILD_DEFAULT", "([^"]+)"', (ROOT / "dodo.py").read_text())[1]
+    assert jobs["mac"]["env"] == {"RECIPE": "${{ matrix.recipe }}", "KEY": "${{ matrix.key }}",
+                                  "DEFAULT_RECIPE": default}
+    assert default in workflow["env"]["RECIPES"].split()
     assert 'ane-build pull "$RECIPE" --key "$KEY"' in runs["mac"]
     assert any(r.startswith('ane-build run -m "artifacts/release/$RECIPE/model.pte"') for r in runs["mac"])
     assert jobs["mac"]["runs-on"].startswith("macos")

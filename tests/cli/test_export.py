@@ -44,16 +44,20 @@ def test_seed_flags_write_a_delegated_pte_and_its_twin(seed_files, tmp_path):
     assert out.is_file() and (tmp_path / "out/tiny.twin.pte").is_file()
     assert "100.0% of ops delegated" in (tmp_path / "out/tiny.delegation.txt").read_text()
     twin = Runtime.get().load_program(tmp_path / "out/tiny.twin.pte")
-    # Seed parity: one forward method (no decode unless asked), plus the runner metadata.
-    assert "forward" in twin.method_names and "decode" not in twin.method_names
+    # Seed parity: one forward method of seq_length tokens (no prefill unless a decode method is asked
+    # for), plus the runner metadata and the rotary table.
+    assert "forward" in twin.method_names and "prefill" not in twin.method_names
+    assert list(twin.metadata("forward").input_tensor_meta(0).sizes()) == [1, 8]
     assert twin.load_method("seq_length").execute([]) == [8]
+    assert {"freqs_cos", "freqs_sin"} <= set(twin.method_names)
 
 
 @pytest.mark.parametrize("flags, expected", [
     (["--seq_length", "0"], "--seq_length: expected at least 1; got 0"),
     (["--dtype", "bf16"], "--dtype: expected one of fp16, fp32; got 'bf16' (the Neural Engine computes in fp16"),
     (["-E", "3,32"], "-E/--embedding-quantize: expected a value matching"),
-    (["--seq_length", "64", "--max_seq_length", "64"], "cache_size + seq_length must be <= max_seq_length"),
+    (["--seq_length", "64", "--max_seq_length", "64"], "--cache_size: expected 1 <= cache_size < max_seq_length (64); got 0"),
+    (["--max_seq_length", "32", "--cache_size", "32"], "--cache_size: expected 1 <= cache_size < max_seq_length (32); got 32"),
     (["--compute_unit", "NPU"], "--compute_unit: expected one of CPU_ONLY"),
     (["--coreml-quantize", "b4w", "--minimum_deployment_target", "iOS17"], "weights (b4w) need export.minimum_deployment_target iOS18"),
 ])

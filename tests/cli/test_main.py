@@ -79,9 +79,11 @@ def test_status_shows_a_built_exports_decode_cost_and_the_devices_bound(tmp_path
     store = Store(tmp_path)
     store.entry("export", "k").mkdir(parents=True)
     cost.write(spec, store.entry("export", "k"))
-    per_token = cost.costs(spec)["decode"]["bytes_per_decoded_token"]
+    # With a decode method, forward is the one-token call: the cheapest per decoded token.
+    per_token = cost.costs(spec)["forward"]["bytes_per_decoded_token"]
+    assert per_token < cost.costs(spec)["prefill"]["bytes_per_decoded_token"]
     line = cli._decode_cost("export", store, "k", "iPad Pro (M4)")
-    assert line == (f"  decode: {per_token / 1e6:.1f} MB read per token, at most {round(120e9 / per_token, 1)} "
+    assert line == (f"  forward: {per_token / 1e6:.1f} MB read per token, at most {round(120e9 / per_token, 1)} "
                     "tokens/s on iPad Pro (M4) (bandwidth bound)")
     assert cli._decode_cost("export", store, "k", "elsewhere").endswith("MB read per token")
     assert cli._decode_cost("smoke", store, "k", "iPad Pro (M4)") == ""

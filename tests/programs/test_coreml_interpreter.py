@@ -286,7 +286,7 @@ def test_an_op_it_does_not_know_is_one_error_naming_it_and_its_function(tmp_path
 
 
 def test_functions_of_a_multifunction_program_share_their_weights(tmp_path):
-    """Two functions over one weight (as a forward and a decode method are) decompress it once."""
+    """Two functions over one weight (as a prefill and a one-token forward method are) decompress it once."""
     ct, mb, types = mil()
     rng = np.random.default_rng(1)
     data, scale = rng.integers(-128, 128, (32, 64)).astype(np.int8), values((32, 1), 0.01, 0.1)
@@ -296,22 +296,22 @@ def test_functions_of_a_multifunction_program_share_their_weights(tmp_path):
         def program(x):
             return mb.linear(x=x, weight=mb.constexpr_blockwise_shift_scale(data=data, scale=scale))
         return program
-    paths = {name: save(linear(tokens), tmp_path, name) for name, tokens in (("forward", 8), ("decode", 1))}
+    paths = {name: save(linear(tokens), tmp_path, name) for name, tokens in (("prefill", 8), ("forward", 1))}
     descriptor = ct.utils.MultiFunctionDescriptor()
     for name, path in paths.items():
         descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
-    descriptor.default_function_name = "forward"
+    descriptor.default_function_name = "prefill"
     ct.utils.save_multifunction(descriptor, str(tmp_path / "both.mlpackage"))
 
     program = coreml_interpreter.load(tmp_path / "both.mlpackage")
-    forward, decode = program.function("forward"), program.function("decode")
-    shared = [v for v in forward.constants.values() if getattr(v, "dtype", None) == FP32 and v.shape == (32, 64)]
-    assert len(shared) == 1 and any(v is shared[0] for v in decode.constants.values())
+    prefill, forward = program.function("prefill"), program.function("forward")
+    shared = [v for v in prefill.constants.values() if getattr(v, "dtype", None) == FP32 and v.shape == (32, 64)]
+    assert len(shared) == 1 and any(v is shared[0] for v in forward.constants.values())
     x = values((8, 64))
-    (full,), (one,) = forward({"x": x}).values(), decode({"x": x[3:4]}).values()
+    (full,), (one,) = prefill({"x": x}).values(), forward({"x": x[3:4]}).values()
     assert (one == full[3:4]).all()
-    with pytest.raises(UserError, match="no Core ML function 'prefill' \\(it has decode, forward\\)"):
-        program.function("prefill")
+    with pytest.raises(UserError, match="no Core ML function 'decode' \\(it has forward, prefill\\)"):
+        program.function("decode")
 
 
 def test_a_missing_input_is_named(tmp_path):

@@ -46,11 +46,11 @@ def upstream(release, *flags):
     return subprocess.run(argv, cwd=release, capture_output=True, text=True, timeout=300)
 
 
-def generated_text(stdout):
-    """The text upstream's runner generated: after the prompt it echoes, without its progress lines."""
-    after_prompt = stdout.split("\n" + PROMPT, 1)[1]
-    lines = [line for line in after_prompt.split("\n-----", 1)[0].split("\n") if not line.startswith("[Using")]
-    return "".join(lines)
+def generated_text(stdout, prompt=PROMPT):
+    """The text upstream's runner generated: what follows the prompt it echoes, up to its closing rule,
+    without the line it prints between the first token and the rest."""
+    text = stdout.split("\n" + prompt, 1)[1].split("\n" + "-" * 50, 1)[0]
+    return text.replace("\n[Using 'forward' (decode) method for generation]\n", "", 1)
 
 
 def ours(release):

@@ -6,11 +6,13 @@ import tarfile
 import pytest
 from executorch.runtime import Runtime
 
+from ane_build import pipeline, recipe
 from ane_build.analysis import cost
-from ane_build.bundle import verify
+from ane_build.bundle import runner_sources, verify
 from ane_build.cache import keys
+from ane_build.cache.filehash import sha256_file
 from ane_build.model import io, rewrites
-from ane_build.util.errors import UserError
+from ane_build.util.errors import UserError, display_path
 from tests.stages.tiny_export import (
     CHAT_TEMPLATE,
     CORE_ML_STAND_IN,
@@ -25,6 +27,7 @@ from tests.stages.tiny_export import (
 
 NAME = "tiny-phone"  # the recipe tiny/phone
 FILES = ["README.md", "delegation.txt", "manifest.json", "model.pte", "params.json", "smoke.md", "tokenizer.model"]
+RUNNER = [f"runner/{rel}" for rel in runner_sources.files()]  # the native runner's sources, beside the package
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def inputs(built):
 
 def test_the_bundle_holds_what_the_device_needs_and_no_twin(built):
     assert sorted(p.name for p in built["release"].iterdir()) == [NAME]
-    assert sorted(p.name for p in (built["release"] / NAME).iterdir()) == sorted([*FILES, f"{NAME}.tar.gz"])
+    assert sorted(p.name for p in (built["release"] / NAME).iterdir()) == sorted([*FILES, "runner", f"{NAME}.tar.gz"])
     assert (built["release"] / NAME / "model.pte").read_bytes() == CORE_ML_STAND_IN
     # The model's params, as upstream's runners read them (``--params``).
     assert read_json(built["release"] / NAME / "params.json") == read_json(built["export"] / "spec.json")["params"]
@@ -50,7 +53,7 @@ def test_the_manifest_hashes_every_file_and_says_how_it_was_made(built):
     manifest = read_json(bundle / "manifest.json")
     assert manifest["files"] == {name: {"sha256": hashlib.sha256((bundle / name).read_bytes()).hexdigest(),
                                         "size": (bundle / name).stat().st_size}
-                                 for name in FILES if name != "manifest.json"}
+                                 for name in [*FILES, *RUNNER] if name != "manifest.json"}
     assert (manifest["bundle"], manifest["device"]) == (NAME, "Tiny Phone")
     assert manifest["stage_keys"] == STAGE_KEYS
     assert manifest["toolchain"] == keys.toolchain_versions()
@@ -78,7 +81,10 @@ def test_the_archive_is_the_bundle_folder_without_host_details(built):
     assert archive.read_bytes()[4:8] == bytes(4)  # gzip's mtime
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
-        assert [m.name for m in members] == [NAME] + [f"{NAME}/{name}" for name in FILES]
+        folders = {rel.rpartition("/")[0] for rel in RUNNER} | {"runner"}  # runner/ and what it holds
+        in_order = sorted([*FILES, *RUNNER, *folders], key=lambda rel: rel.split("/"))
+        assert [m.name for m in members] == [NAME] + [f"{NAME}/{rel}" for rel in in_order]
+        assert [m.name for m in members if m.isdir()] == [NAME] + [f"{NAME}/{rel}" for rel in sorted(folders)]
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
         assert tar.extractfile(f"{NAME}/model.pte").read() == CORE_ML_STAND_IN
 
@@ -196,7 +202,8 @@ def test_a_chat_models_bundle_ships_its_chat_template_beside_the_tokenizer(tmp_p
     run_smoke(chat_entries(tmp_path_factory), inputs["smoke"], chat=True)
     run_release(inputs, tmp_path / "release", tiny_recipe(chat=True))
     bundle = tmp_path / "release" / NAME
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([*FILES, "chat_template.jinja", f"{NAME}.tar.gz"])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*FILES, "chat_template.jinja", "runner",
+                                                               f"{NAME}.tar.gz"])
     assert (bundle / "chat_template.jinja").read_text() == CHAT_TEMPLATE
     manifest, readme = read_json(bundle / "manifest.json"), (bundle / "README.md").read_text()
     assert manifest["chat_template"] == "chat_template.jinja" and "chat_template.jinja" in manifest["files"]
@@ -208,3 +215,63 @@ def test_a_bundle_without_a_chat_template_says_nothing_of_one(built):
     bundle = built["release"] / NAME
     assert read_json(bundle / "manifest.json")["chat_template"] is None
     assert "chat template" not in (bundle / "README.md").read_text()
+
+
+def test_the_bundle_carries_the_runner_sources_listed_and_archived(built):
+    bundle = built["release"] / NAME
+    sources = runner_sources.files()
+    assert {"CMakeLists.txt", "README.md", "include/ane_runner.h", "include/module.modulemap", "src/kv_ring.cpp",
+            "tools/ane_runner_cli.cpp"} <= set(sources)
+    assert not [rel for rel in sources if rel.split("/")[0] in ("build", "python") or rel.endswith(".gitignore")]
+    copied = sorted(p.relative_to(bundle).as_posix() for p in (bundle / "runner").rglob("*") if p.is_file())
+    assert copied == RUNNER
+    manifest = read_json(bundle / "manifest.json")
+    for rel, source in sources.items():
+        assert (bundle / "runner" / rel).read_bytes() == source.read_bytes(), rel
+        assert manifest["files"][f"runner/{rel}"] == {"sha256": sha256_file(source), "size": source.stat().st_size}
+    with tarfile.open(bundle / f"{NAME}.tar.gz") as tar:
+        assert tar.extractfile(f"{NAME}/runner/src/kv_ring.cpp").read() == sources["src/kv_ring.cpp"].read_bytes()
+    assert verify.verify(bundle) == [] and verify.verify(bundle / f"{NAME}.tar.gz") == []
+
+
+@pytest.fixture
+def runner_copy(tmp_path, monkeypatch):
+    """A copy of runner/ (its build and all) that the test may edit, standing in for the real one."""
+    root = shutil.copytree(runner_sources.ROOT, tmp_path / "runner")
+    monkeypatch.setattr(runner_sources, "ROOT", root)
+    return root
+
+
+def test_an_edit_to_a_runner_source_changes_the_release_key_alone(runner_copy, write):
+    write("ckpt.gguf", "GGUF-bytes")
+    rec = recipe.load(write("tiny.yaml", "source: {path: ckpt.gguf}\n"))
+
+    def planned():
+        return {name: key for name, (key, _) in pipeline.plan(rec, sha256_file).items()}
+
+    before = planned()
+    kv_ring = runner_copy / "src/kv_ring.cpp"
+    kv_ring.write_text(kv_ring.read_text() + "\n// an edit\n")
+    edited = planned()
+    assert {name for name in before if edited[name] != before[name]} == {"release"}
+    kv_ring.rename(runner_copy / "src/kv_ring2.cpp")  # the same bytes under another name
+    assert planned()["release"] not in (before["release"], edited["release"])
+    kv_ring2 = runner_copy / "src/kv_ring2.cpp"
+    kv_ring2.rename(kv_ring)
+    (runner_copy / "python/notes.txt").write_text("not a source the bundle carries")
+    (runner_copy / "build").mkdir(exist_ok=True)
+    (runner_copy / "build/CMakeCache.txt").write_text("a host's build")
+    assert planned() == edited
+
+
+def test_a_missing_runner_folder_is_one_clear_error(inputs, runner_copy, tmp_path):
+    shutil.rmtree(runner_copy / "src")
+    (runner_copy / "CMakeLists.txt").unlink()
+    assert runner_sources.sha256() is None  # every stage still plans; the release alone cannot build
+    with pytest.raises(UserError) as error:
+        run_release(inputs, tmp_path / "out")
+    assert str(error.value) == (f"{display_path(runner_copy)}: missing CMakeLists.txt, src/: a release bundle "
+                                "carries the native runner's sources, read from runner/ beside the ane_build "
+                                "package; install ane-build from a clone of its repository (pip install -e .), "
+                                "not from a wheel or sdist")
+    assert list((tmp_path / "out").iterdir()) == []
