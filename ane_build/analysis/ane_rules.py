@@ -205,9 +205,12 @@ def lint_model(model):
 def convention_tensors(fn):
     """The names of the tensors ``UPSTREAM_CONVENTION`` covers in ``fn``: the logits row (its only output
     of rank 2; the caches' rows are rank 4) and the mask input (``model.ane_llama``'s ``attn_mask``:
-    Core ML keeps the exported program's input names, not its order)."""
-    logits = {name for name in fn.outputs if len(fn.tensors[name].shape or ()) == 2}
-    return logits | {t.name for t in fn.inputs if t.name == "attn_mask"}
+    Core ML keeps the exported program's input names, not its order). None in a function that does not
+    take the convention's mask: its rank-2 outputs are nobody's logits."""
+    mask = {t.name for t in fn.inputs if t.name == "attn_mask"}
+    if not mask:
+        return set()
+    return mask | {name for name in fn.outputs if len(fn.tensors[name].shape or ()) == 2}
 
 
 CHECKS = {}  # rule id -> check(function) yielding (op, detail) for each op breaking it
