@@ -77,7 +77,7 @@ def measure(entry, dtype, run):
     model, reference = io.load_model(entry).to(dtype), io.load_model(entry).to(exact_dtype)
     out = {}
     for method, seq_length in io.methods(spec["ane"]).items():
-        inputs = float_bounds.cast_floats(later_call_inputs(spec, seq_length), dtype)
+        inputs = float_bounds.cast_floats(later_call_inputs(spec, seq_length, method=method), dtype)
         exact = reference(*float_bounds.cast_floats(inputs, exact_dtype))[0]
         eager = float_bounds.distance(model(*inputs)[0], exact)
         allowed = float_bounds.allowed_distance(eager, exact, dtype, float_bounds.longest_reduction(spec))

@@ -48,7 +48,7 @@ def outputs_and_bounds(entries, quantize_params=lint_builds.QUANTIZE):
     twin = Runtime.get().load_program(entries["export"] / export.TWIN_FILE)
     out = {}
     for method, seq_length in io.methods(spec["ane"]).items():
-        inputs = later_call_inputs(spec, seq_length)
+        inputs = later_call_inputs(spec, seq_length, method=method)
         flat = io.flat_inputs(inputs)
         got = coreml.run(method, [t.numpy() for t in flat])
         twins = twin.load_method(method).execute(flat)

@@ -86,7 +86,7 @@ def twin_distances(entries, twin_file, quantize_params):
     twin = load(twin_file)
     out = {}
     for method, seq_length in io.methods(spec["ane"]).items():
-        inputs = later_call_inputs(spec, seq_length)
+        inputs = later_call_inputs(spec, seq_length, method=method)
         want = eager(*inputs)
         got = twin.load_method(method).execute(io.flat_inputs(inputs))
         assert len(got) == len(io.flat_inputs(want))

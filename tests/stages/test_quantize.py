@@ -35,7 +35,7 @@ def test_one_program_per_method_computing_the_quantized_model(rewritten, tmp_pat
     eager = quantize.quantized_model(rewritten, params)
     for method, p in spec["programs"].items():
         program = torch.export.load(entry / p["file"])
-        inputs = later_call_inputs(spec, p["seq_length"])
+        inputs = later_call_inputs(spec, p["seq_length"], method=method)
         got, want = program.module()(*inputs), eager(*inputs)
         for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
             assert g.shape == w.shape and torch.equal(g, w), method

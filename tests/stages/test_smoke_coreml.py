@@ -34,7 +34,7 @@ BUILDS = {
     "fp16-c8w": ("fp16", {"linear": "c8w", "mapping": "asymmetric", "embedding": "8,0"}),
     "fp16-lut4": ("fp16", {"linear": "lut4", "palette_group": 16}),
 }
-INTERPRETED = {**SMOKE, "interpret_coreml": True}
+INTERPRETED = {**SMOKE, "interpret_coreml": True, "coreml_eval_tokens": 64}  # a slice of the text
 NO_GATES = {"min_top1_agreement": 0.0, "max_mean_kld": 1e9}
 
 

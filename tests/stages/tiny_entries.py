@@ -49,8 +49,9 @@ def build(root, until, ane_params=None, quantize_params=None, export_params=None
     return entries, metrics
 
 
-def later_call_inputs(spec, seq_length, seed=0):
-    """Inputs of a call past the start: random cached rows, half the cache open, a short input.
+def later_call_inputs(spec, seq_length, seed=0, method=None):
+    """Inputs of a call of ``method`` past the start: random cached rows, half the cache open, a short
+    input (a verify call takes no last_valid_token_pos: it returns every position's logits).
 
     Exercises what a first call (empty caches, all cache columns masked) would not: the
     cache read, the mask, the rotary rows of later positions and the last-real-token logits.
@@ -62,6 +63,6 @@ def later_call_inputs(spec, seq_length, seed=0):
                                          (k_caches, v_caches))
     filled = cache_size // 2
     cos, sin = (table[filled:filled + seq_length] for table in rope_table(spec["params"], filled + seq_length, dtype))
-    return (torch.randint(0, spec["params"]["vocab_size"], tokens.shape, generator=gen, dtype=torch.int32),
-            attention_mask(seq_length, cache_size, filled, dtype), cos, sin, k_caches, v_caches,
-            torch.tensor([max(seq_length - 3, 0)]))
+    inputs = (torch.randint(0, spec["params"]["vocab_size"], tokens.shape, generator=gen, dtype=torch.int32),
+              attention_mask(seq_length, cache_size, filled, dtype), cos, sin, k_caches, v_caches)
+    return inputs if method == io.VERIFY else (*inputs, torch.tensor([max(seq_length - 3, 0)]))
