@@ -55,6 +55,8 @@ def add_arguments(parser):
 def main(args):
     """Generate as ``args`` say. A mistake in them raises UserError for the caller to report."""
     sampler = Sampler(args.temperature, args.top_p, args.seed)  # checks its flags before any loading
+    if args.lookahead and args.temperature != 0:
+        raise UserError("--lookahead", f"decodes greedily: pass --temperature 0 (got {args.temperature})")
     program, source = open_program(args)
     # An export entry and a canonical checkpoint keep their tokenizer beside the weights.
     tokenizer = Tokenizer(args.tokenizer or tokenizer_files.find(source if source.is_dir() else source.parent,
@@ -63,7 +65,7 @@ def main(args):
     tokenizer.check_fits(info.vocab_size, source.name)
     prompt_ids = encode_prompt(args, tokenizer, info)
     if args.lookahead:
-        generation = LookaheadRun(program, prompt_ids, args.temperature, args.n_steps, tokenizer.stop_ids(info))
+        generation = LookaheadRun(program, prompt_ids, args.n_steps, tokenizer.stop_ids(info))
     else:
         generation = Generation(program, prompt_ids, sampler, args.n_steps, tokenizer.stop_ids(info))
     stream = TextStream(tokenizer, prompt_ids)
@@ -79,9 +81,7 @@ def main(args):
 class LookaheadRun:
     """``--lookahead``: the tokens of ``lookahead.Lookahead``, with a line of what it took."""
 
-    def __init__(self, program, prompt_ids, temperature, n_steps, stop_ids):
-        if temperature != 0:
-            raise UserError("--lookahead", f"decodes greedily: pass --temperature 0 (got {temperature})")
+    def __init__(self, program, prompt_ids, n_steps, stop_ids):
         self.lookahead, self.args = Lookahead(program), (prompt_ids, n_steps, stop_ids)
         self.stats = ""
 

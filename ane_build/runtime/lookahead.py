@@ -31,7 +31,7 @@ class Settings:
 
 
 class Lookahead:
-    """Greedy generation through ``program``'s verify method: iterate over ``run(prompt_ids, n, stop_ids)``."""
+    """Greedy generation through ``program``'s verify method: ``generate(prompt_ids, n, stop_ids)``."""
 
     def __init__(self, program, settings=Settings()):
         info = program.info

@@ -30,7 +30,6 @@ from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.checkpoint import canonical
 from ane_build.model import io
 from ane_build.model.rewrites import DTYPES
-from ane_build.quant import source_blocks
 from ane_build.stages import convert, export, quantize, rewrite
 from ane_build.util.errors import UserError
 from tests import float_bounds
