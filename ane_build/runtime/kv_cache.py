@@ -3,7 +3,7 @@
 The programs' calling convention is upstream ExecuTorch's (``StaticAttentionIOManager``,
 ``style="smart_mask"``; see ``model.ane_llama``), and this is its runner side. We keep our own
 rather than drive the program through upstream's manager because its cache update clones every
-layer's caches on every call (``torch.clone`` in ``StaticKVCache.apply_update``, 47 MB a token
+layer's caches on every call (``torch.clone`` in ``StaticKVCache.apply_update``, 23.6 MB a token
 for the default recipe) and rebuilds the inputs each call; here a step writes only the new rows.
 Upstream's manager drives our programs as they are (``runtime.lookahead`` uses it).
 
