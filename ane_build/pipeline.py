@@ -5,11 +5,12 @@ source), so a build knows what is cached before anything runs.
 """
 
 import importlib
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ane_build.cache import keys
-from ane_build.recipe import recorded
+from ane_build.recipe import needs_calibration, recorded
 from ane_build.util.errors import UserError
 from ane_build.util.memory import release_memory
 
@@ -21,6 +22,7 @@ class Stage:
     sections: tuple  # the recipe sections this stage reads
     upstream: tuple  # the stages whose outputs it reads
     flags: tuple = ()  # top-level recipe keys it also reads (``chat``): in its key, and added to its params
+    only_if: object = None  # recipe -> whether the recipe has this stage at all; None: every recipe has it
 
     @property
     def module_name(self):
@@ -35,13 +37,25 @@ class Stage:
 STAGES = (
     Stage("fetch", 1, ("source",), ()),
     Stage("convert", 1, ("convert",), ("fetch",), ("chat",)),
+    # Only for data-aware quantizers; keyed on the checkpoint, so every device's recipe shares it.
+    Stage("calibrate", 1, ("calibrate",), ("convert",), only_if=needs_calibration),
     Stage("rewrite", 1, ("ane",), ("convert",)),
-    Stage("quantize", 1, ("quantize",), ("rewrite",)),
+    Stage("quantize", 1, ("quantize",), ("rewrite", "calibrate")),
     Stage("export", 1, ("export",), ("quantize",)),
     Stage("smoke", 1, ("smoke",), ("export", "convert"), ("chat",)),
     Stage("release", 1, ("release",), ("export", "smoke")),
 )
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def stages_of(recipe):
+    """The stages ``recipe`` has, upstream first."""
+    return [s for s in STAGES if s.only_if is None or s.only_if(recipe)]
+
+
+def upstream_of(stage, recipe):
+    """The stages whose outputs ``stage`` reads for ``recipe``."""
+    return [up for up in stage.upstream if BY_NAME[up] in stages_of(recipe)]
 
 
 def key_params(stage, recipe, file_sha256):
@@ -59,6 +73,14 @@ def key_params(stage, recipe, file_sha256):
 
         # The evaluation text comes with Python, and its bytes differ between some releases.
         return {"smoke": recipe["smoke"], **flags(stage, recipe), "eval_text_sha256": quality.eval_text()[1]}
+    if stage.name == "calibrate":
+        from ane_build.stages import calibrate
+
+        # The text is keyed by its bytes: a file named in the recipe, or Python's own (which differ
+        # between some releases).
+        section = recipe["calibrate"]
+        named = {**section, "text": section["text"] and Path(section["text"]).name}  # not where it is on this host
+        return {"calibrate": named, "text_sha256": calibrate.text_sha256(section)}
     if stage.name == "release":
         from ane_build.bundle import runner_sources
 
@@ -75,8 +97,8 @@ def flags(stage, recipe):
 def plan(recipe, file_sha256):
     """{stage name: (key, key inputs)} for every stage, upstream first."""
     planned = {}
-    for stage in STAGES:
-        upstream = {up: planned[up][0] for up in stage.upstream}
+    for stage in stages_of(recipe):
+        upstream = {up: planned[up][0] for up in upstream_of(stage, recipe)}
         with naming_recipe(recipe):
             params = key_params(stage, recipe, file_sha256)
         inputs = keys.key_inputs(stage, params, upstream)
@@ -112,7 +134,7 @@ def build(store, recipe, stage_name, planned):
     """Build (or reuse) one stage of ``recipe``; return (entry dir, whether it was built)."""
     stage = BY_NAME[stage_name]
     key, key_inputs = planned[stage_name]
-    inputs = {up: store.entry(up, planned[up][0]) for up in stage.upstream}
+    inputs = {up: store.entry(up, planned[up][0]) for up in upstream_of(stage, recipe)}
     params = run_params(stage, recipe, planned)
     with naming_recipe(recipe):
         entry, built = store.build(stage.name, key, key_inputs, lambda out: stage.module.run(inputs, params, out))
@@ -150,7 +172,7 @@ def obtain(store, recipe, stage_name, planned, remote=None, local=True):
 def _inputs(store, recipe, stage_name, planned, remote):
     """The upstream entries of a stage about to build, into the local store: one that an earlier
     task left in the remote cache is pulled now, or built (its own inputs first) if that fails."""
-    for upstream in BY_NAME[stage_name].upstream:
+    for upstream in upstream_of(BY_NAME[stage_name], recipe):
         obtain(store, recipe, upstream, planned, remote)
 
 

@@ -196,10 +196,12 @@ def deep_merge(base, override, whole=schema.ONE_KIND, _prefix=""):
 
 
 def _absolutize_source_path(data, folder):
-    source = data.get("source")
-    if isinstance(source, dict) and isinstance(source.get("path"), str):
-        # Not resolve(): a link is named as the user wrote it, and a broken one is fetch's to refuse.
-        source["path"] = os.path.abspath(folder / source["path"])
+    """source.path and calibrate.text, relative to the recipe that names them, made absolute."""
+    for section, key in (("source", "path"), ("calibrate", "text")):
+        fields = data.get(section)
+        if isinstance(fields, dict) and isinstance(fields.get(key), str):
+            # Not resolve(): a link is named as the user wrote it, and a broken one is refused where it is read.
+            fields[key] = os.path.abspath(folder / fields[key])
 
 
 def _check_rules(recipe, where):
@@ -211,10 +213,20 @@ def _check_rules(recipe, where):
         raise UserError(where, f"ane.cache_size: expected 1 <= cache_size < max_seq_length "
                                f"({ane['max_seq_length']}); got {cache}")
     _check_overrides(recipe["quantize"]["overrides"] or {}, where)
+    if ane.get("share_embedding") and recipe["quantize"].get("embedding"):
+        raise UserError(where, "quantize.embedding: ane.share_embedding reads the embedding from the LM head, "
+                               "which is quantized as a linear (quantize.linear / overrides.output); remove one")
     _check_deployment_target(recipe, where)
     prompts = recipe["smoke"]["prompts"]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise UserError(where, f"smoke.prompts: expected a list of non-empty strings; got {prompts!r}")
+
+
+def needs_calibration(recipe):
+    """Whether the recipe's quantizers read calibration statistics (its ``calibrate`` stage): a
+    data-aware fit, or a size budget to allocate. False for a broken recipe (no quantize section)."""
+    quantize = recipe.get("quantize") or {}
+    return quantize.get("fit", "data-free") != "data-free" or quantize.get("budget_mb") is not None
 
 
 def linear_kinds(quantize):

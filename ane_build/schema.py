@@ -49,6 +49,12 @@ SCHEMA = {
         "format": Field(str, "auto", choices=("auto", "gguf", "hf", "meta"),
                         help="checkpoint format; auto detects it"),
     },
+    "calibrate": {
+        "text": Field(str, None, nullable=True, help="a UTF-8 text file to calibrate on (relative to the recipe); "
+                                                    "default: Python's language reference less the evaluation text"),
+        "windows": Field(int, 8, minimum=1, help="windows of text the fp32 model reads, each from its start"),
+        "window_tokens": Field(int, 512, minimum=2, help="tokens per window"),
+    },
     "ane": {
         "dtype": Field(str, "fp16", choices=("fp16", "fp32"), help="compute precision",
                        note="the Neural Engine computes in fp16 and Core ML has no bf16 compute precision"),
@@ -64,6 +70,8 @@ SCHEMA = {
         "max_splits": Field(int, 8, minimum=1, help="at most this many chunks per linear"),
         "decode_method": Field(bool, False, help="upstream's multifunction form: forward decodes one token "
                                                  "and prefill takes seq_length (else forward takes seq_length)"),
+        "share_embedding": Field(bool, False, help="tied checkpoints: read token rows from the LM head's weights, "
+                                                   "so the program stores the table once (quantized as the head)"),
         "verify_method": Field(bool, False, help="add verify: seq_length tokens, every position's logits "
                                                  "(lookahead decoding; smoke scores text with it)"),
     },
@@ -80,6 +88,14 @@ SCHEMA = {
                         help="how scales are fitted: span each channel (minmax) or minimise the error (hqq)"),
         "overrides": Field(dict, None, nullable=True,
                            help="{module pattern: kind} for some linears, e.g. {output: c8w} (mixed precision)"),
+        "fit": Field(str, "data-free", choices=("data-free", "fisher", "gptq"),
+                     help="data-free: palettes by plain k-means, grids by scales alone; fisher: palettes by k-means "
+                          "weighted by the calibration's Fisher diagonal; gptq: fisher palettes, and every code "
+                          "(palette or c4w/c8w grid) chosen with GPTQ's error feedback (both need calibrate)"),
+        "budget_mb": Field(float, None, minimum=0, nullable=True,
+                           help="pick each linear's kind among candidates to keep the weights within this many MB "
+                                "at the least estimated KL divergence (needs calibrate); overrides stay fixed"),
+        "candidates": Field(list, ["c8w", "lut6", "lut4"], help="the kinds budget_mb chooses among"),
         "embedding": Field(str, None, pattern=r"^(4|8),\d+$", nullable=True,
                            help="'bits,group' (bits 4 or 8; group 0 = per channel)"),
     },
@@ -98,7 +114,8 @@ SCHEMA = {
                                     help="fail below this top-1 agreement with fp32 (each prompt, the eval text)"),
         "max_mean_kld": Field(float, 0.05, minimum=0, help="fail above this mean KL divergence from fp32 "
                                                               "on the evaluation text"),
-        "eval_tokens": Field(int, 512, minimum=0, help="tokens of the evaluation text scored (0: none)"),
+        "eval_tokens": Field(int, 4096, minimum=0, help="tokens of the evaluation text scored (0: none), in windows "
+                                                         "of at most ane.cache_size tokens"),
         "interpret_coreml": Field(bool, True, help="where smoke runs the twin (no Core ML backend), also run "
                                                    "model.pte's Core ML program through the reference interpreter "
                                                    "and hold it to the same gates"),

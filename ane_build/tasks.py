@@ -50,14 +50,14 @@ def generate(recipes_dir, artifacts_dir, config_path=None):
     cache = remote.configured(config_path)
     names = []
     for rec, planned, problem in plans.every_recipe(recipes_dir, store.hasher):
-        names.append((plans.order(problem), rec["name"]))
-        for stage in pipeline.STAGES:
+        names.append((plans.order(problem), rec["name"], pipeline.stages_of(rec)))
+        for stage in pipeline.stages_of(rec):
             yield _task(store, cache, rec, stage, planned, problem)
     # A group builds the recipes it can first, skips those waiting for a checkpoint, and fails on a
     # broken one last: one broken recipe does not keep the others from building.
     for stage in pipeline.STAGES:
         yield {"basename": stage.name, "doc": f"{stage.name} every recipe", "actions": None,
-               "task_dep": [f"{stage.name}:{name}" for _, name in sorted(names)]}
+               "task_dep": [f"{stage.name}:{name}" for _, name, stages in sorted(names) if stage in stages]}
     store.hasher.save()
 
 
@@ -71,7 +71,7 @@ def _task(store, cache, rec, stage, planned, problem):
         "doc": f"{stage.name} {rec['name']}" + (f" ({rec['device']})" if rec["device"] else ""),
         "actions": [(_run, [store, cache, rec, stage.name, planned, problem])],
         "uptodate": [(_uptodate, [store, rec["name"], stage.name, key, waiting])],
-        "task_dep": [f"{up}:{rec['name']}" for up in stage.upstream],
+        "task_dep": [f"{up}:{rec['name']}" for up in pipeline.upstream_of(stage, rec)],
         "clean": [(_clean, [store, rec["name"], stage.name, key])],
     }
 

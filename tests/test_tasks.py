@@ -153,6 +153,34 @@ def test_list_shows_every_stage_and_recipe_and_imports_no_torch(project):
     subprocess.run([sys.executable, "-c", code, str(ROOT / "dodo.py")], env=env, check=True)
 
 
+def test_only_recipes_with_a_data_aware_quantizer_calibrate_and_every_device_shares_it(project):
+    from ane_build import plans
+    from ane_build.cache.store import Store
+
+    fisher = "quantize: {linear: lut4, palette_group: 16, fit: fisher}\n"
+    (project / "recipes/tiny/c.yaml").write_text(DEVICE_A + fisher)
+    (project / "recipes/tiny/d.yaml").write_text(DEVICE_B + fisher + "ane: {seq_length: 4}\n")
+    names = set(doit(project, "list").stdout.split())
+    assert {"calibrate:tiny/c", "calibrate:tiny/d"} <= names and "calibrate:tiny/a" not in names
+    planned = {rec["name"]: stages for rec, stages, _ in plans.every_recipe(project / "recipes",
+                                                                              Store(project / "artifacts").hasher)}
+    assert "calibrate" not in planned["tiny/a"]
+    assert planned["tiny/c"]["calibrate"][0] == planned["tiny/d"]["calibrate"][0]
+    assert planned["tiny/c"]["quantize"][1]["upstream"] == {"rewrite": planned["tiny/c"]["rewrite"][0],
+                                                            "calibrate": planned["tiny/c"]["calibrate"][0]}
+    assert planned["tiny/a"]["quantize"][1]["upstream"] == {"rewrite": planned["tiny/a"]["rewrite"][0]}
+
+
+def test_a_calibrated_quantize_builds_after_calibrate_and_a_second_device_reuses_it(project):
+    fisher = "quantize: {linear: lut4, palette_group: 16, fit: gptq}\ncalibrate: {windows: 2, window_tokens: 8}\n"
+    (project / "recipes/tiny/c.yaml").write_text(DEVICE_A + fisher)
+    (project / "recipes/tiny/d.yaml").write_text(DEVICE_B + fisher + "ane: {seq_length: 4}\n")
+    first = executed(doit(project, "quantize:tiny/c"))
+    assert first.index("calibrate:tiny/c") < first.index("quantize:tiny/c")
+    second = doit(project, "quantize:tiny/d")
+    assert built(second, "calibrate") == 0 and built(second, "quantize") == 1
+
+
 def test_bad_recipe_is_one_line_and_nonzero(project):
     (project / "recipes/tiny/a.yaml").write_text(DEVICE_A + "quantize: {linear: c5w}\n")
     assert "convert:tiny/a" in doit(project, "list").stdout  # listed: the other recipes stay usable
@@ -189,7 +217,7 @@ def released(tmp_path_factory):
 def test_a_build_prints_one_line_as_each_stage_starts_and_one_as_it_ends(released):
     """Non-interactive, as in CI: the stages' own output goes to their logs, none to the console."""
     project, proc = released
-    stages = [stage.name for stage in pipeline.STAGES]
+    stages = [stage.name for stage in pipeline.stages_of({})]  # no calibrate: its quantizers are data-free
     expected = [f"{verb}  {stage}:tiny/a" for stage in stages for verb in ("start", "built")]
     assert [" ".join(line.split()[:2]).replace(" ", "  ") for line in proc.stdout.splitlines()] == expected
     assert [built(proc, stage) for stage in stages] == [1] * len(stages)

@@ -10,7 +10,7 @@ with the twin (how far conversion moved it):
 - each smoke prompt: the prompt in one call of the longest method (the prefill),
   then the twin's continuation one decode call per token: the positions smoke scores the
   twin at, through the methods an app generates with;
-- the first ``coreml_eval_tokens`` tokens of the evaluation text (the positions
+- the first ``coreml_eval_tokens`` tokens of the evaluation text (the windows
   ``quality.score_text`` scores first), as the twin read them: seq_length positions per call
   of the verify method where the program has one, else one token per call.
 
@@ -41,13 +41,13 @@ def logits_along(program, prompt_ids, continuation, verify):
     return teacher_forced(program, cache, prompt_ids, continuation, verify).clone().numpy()
 
 
-def sequences(prompts, eval_ids):
+def sequences(prompts, eval_windows):
     """What the Core ML program reads: (prompt ids, continuation, through verify) of each of smoke's
-    prompt results, through the methods an app generates with, then the evaluation slice
-    ``eval_ids`` (its first token as the prompt) when there is one, through the verify method
-    where the program has one (as the twin read it)."""
+    prompt results, through the methods an app generates with, then each window of the evaluation
+    text (its first token as the prompt), through the verify method where the program has one (as
+    the twin read them)."""
     out = [(p["prompt_ids"], p["continuation_ids"], False) for p in prompts]
-    return out + ([(eval_ids[:1], eval_ids[1:], True)] if eval_ids and len(eval_ids) > 1 else [])
+    return out + [(window[:1], window[1:], True) for window in eval_windows]
 
 
 def interpret(path, token_sequences):
@@ -90,6 +90,18 @@ def _scored(logits, reference, twin):
             "twin": {k: versus_twin.get(k) for k in ("top1_agreement", "first_divergence", "mean_kld", "max_kld")}}
 
 
+def _scored_windows(logits, evaluation, eval_logprobs):
+    """The evaluation windows' scores; the last window may be a prefix of the twin's."""
+    import numpy
+    import torch
+
+    lengths = [len(x) for x in logits]
+    reference, twin = (torch.cat([rows[:n] for rows, n in zip(eval_logprobs[key], lengths)])
+                       for key in ("reference", "program"))
+    return {"source": evaluation["source"], "sha256": evaluation["sha256"], "tokens": sum(lengths) + len(lengths),
+            "windows": len(lengths), **_scored(numpy.concatenate(logits), reference, twin)}
+
+
 def report(interpreted, prompts, prompt_logprobs, evaluation, eval_logprobs, dtype):
     """The Core ML check for smoke.json: ``interpreted`` is ``interpret``'s result for
     ``sequences(prompts, eval ids)``; ``prompt_logprobs`` [{"reference", "twin"}] per prompt and
@@ -99,9 +111,7 @@ def report(interpreted, prompts, prompt_logprobs, evaluation, eval_logprobs, dty
                for p, x, lp in zip(prompts, logits, prompt_logprobs)]
     eval_result = None
     if len(logits) > len(prompts):
-        n = len(logits[-1])
-        eval_result = {"source": evaluation["source"], "sha256": evaluation["sha256"], "tokens": n + 1,
-                       **_scored(logits[-1], eval_logprobs["reference"][:n], eval_logprobs["program"][:n])}
+        eval_result = _scored_windows(logits[len(prompts):], evaluation, eval_logprobs)
     for r in results + ([eval_result] if eval_result else []):
         log.info("Core ML program, %s: top-1 agreement %.3f with fp32, %.3f with the twin",
                  r.get("prompt", "evaluation text"), r["top1_agreement"], r["twin"]["top1_agreement"])

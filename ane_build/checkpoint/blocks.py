@@ -9,16 +9,16 @@ type is not carried (``refused``). rewrite carries the file forward under the re
 """
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ane_build.model import rewrites
+
 FILE = "blocks.safetensors"
 _PARTS = ("qdata", "scale", "zero")
-_CHUNK = re.compile(r"^(.*)\.chunks\.(\d+)$")
 
 
 @dataclass
@@ -91,8 +91,7 @@ def rewritten(source, model):
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        match = _CHUNK.match(name)
-        layer, i = (match[1], int(match[2])) if match else (name, 0)
+        layer, i = rewrites.chunk_of(name)
         whole, weight = f"{layer}.weight", f"{name}.weight"
         if whole in source.blocks:
             rows = module.out_features

@@ -37,7 +37,7 @@ def plan(recipes, planned):
     for rec in recipes:
         stages = planned[rec["name"]]
         # A key names every stage before it, so what two recipes share is a prefix of the stages.
-        shared = [s.name for s in pipeline.STAGES if users[(s.name, stages[s.name][0])] > 1]
+        shared = [s.name for s in pipeline.stages_of(rec) if users[(s.name, stages[s.name][0])] > 1]
         if shared:
             deepest = (shared[-1], stages[shared[-1]][0])
             groups[stages[pipeline.STAGES[0].name][0]].setdefault(deepest, f"{shared[-1]}:{rec['name']}")

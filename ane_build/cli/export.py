@@ -124,7 +124,7 @@ def export(args):
             stage = pipeline.BY_NAME[name]
             entries[name] = Path(scratch) / name
             entries[name].mkdir()
-            inputs = {up: entries[up] for up in stage.upstream}
+            inputs = {up: entries[up] for up in pipeline.upstream_of(stage, rec)}
             stage.module.run(inputs, pipeline.run_params(stage, rec), entries[name])
         _publish(entries["export"], output)
     return output

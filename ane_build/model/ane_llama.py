@@ -180,7 +180,7 @@ class AneLlama(nn.Module):
         seq_length = tokens.shape[1]
         cos, sin = rotary_rows(freqs_cos, freqs_sin)
         mask = self.layers[0].attention.grouped_mask(attn_mask.squeeze(0))
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else head_rows(self.output, tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             h, k, v = layer(h, cos, sin, k_caches[i], v_caches[i], mask)
@@ -199,6 +199,24 @@ class AneLlama(nn.Module):
         if isinstance(k_caches, torch.Tensor):
             return logits, torch.stack(new_k), torch.stack(new_v)
         return logits, new_k, new_v
+
+
+def head_rows(head, tokens):
+    """The embedding of a tied checkpoint read from its LM head ``head`` (a Linear, or split in chunks of
+    rows): each chunk gives the rows of the ids it holds, zeros for the rest (exact: one term of each
+    sum is nonzero). A gather per chunk rather than one on the chunks joined: Core ML would join the
+    whole table at run time for that."""
+    chunks = getattr(head, "chunks", [head])
+    width, dtype = chunks[0].out_features, chunks[0].weight.dtype
+    # Which chunk holds each id, looked up like the rows: a table of constants (Core ML folds it when
+    # converting), where comparing the ids would be integer arithmetic outside any lookup (lint).
+    holders = torch.arange(width * len(chunks))[:, None] // width == torch.arange(len(chunks))
+    held = nn.functional.embedding(tokens, holders.to(dtype))
+    rows = 0
+    for i, chunk in enumerate(chunks):
+        index = (tokens - i * width).clamp(0, width - 1)
+        rows = rows + nn.functional.embedding(index, chunk.weight) * held[..., i:i + 1]
+    return rows
 
 
 def flat_logits(logits):

@@ -39,6 +39,10 @@ class ReferenceLlama(nn.Module):
     @torch.no_grad()
     def forward(self, tokens):
         """tokens: [B, T] int -> logits [B, T, vocab] fp32 (positions 0..T-1)."""
+        return self.logits(tokens)
+
+    def logits(self, tokens):
+        """``forward`` with autograd as the caller has it: calibration differentiates the loss."""
         p, w = self.params, self.w
         n_heads, n_kv, hd = p["n_heads"], p.get("n_kv_heads") or p["n_heads"], canonical.head_dim(p)
         angles = torch.outer(torch.arange(tokens.shape[1], dtype=torch.float64), self.inv_freq)
@@ -47,18 +51,24 @@ class ReferenceLlama(nn.Module):
         h = w["tok_embeddings.weight"][tokens]
         for i in range(p["n_layers"]):
             lw = lambda name: w[f"layers.{i}.{name}.weight"]  # noqa: E731
+            mm = lambda x, name: self.linear(x, f"layers.{i}.{name}")  # noqa: E731
             x = rms_norm(h, lw("attention_norm"), p["norm_eps"])
-            q = apply_rope((x @ lw("attention.wq").T).unflatten(-1, (n_heads, hd)), cos, sin)
-            k = apply_rope((x @ lw("attention.wk").T).unflatten(-1, (n_kv, hd)), cos, sin)
-            v = (x @ lw("attention.wv").T).unflatten(-1, (n_kv, hd))
+            q = apply_rope(mm(x, "attention.wq").unflatten(-1, (n_heads, hd)), cos, sin)
+            k = apply_rope(mm(x, "attention.wk").unflatten(-1, (n_kv, hd)), cos, sin)
+            v = mm(x, "attention.wv").unflatten(-1, (n_kv, hd))
             k, v = (t.repeat_interleave(n_heads // n_kv, dim=2) for t in (k, v))
             scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd) + causal
             attn = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).flatten(-2)
-            h = h + attn @ lw("attention.wo").T
+            h = h + mm(attn, "attention.wo")
             x = rms_norm(h, lw("ffn_norm"), p["norm_eps"])
-            gate = torch.nn.functional.silu(x @ lw("feed_forward.w1").T) * (x @ lw("feed_forward.w3").T)
-            h = h + gate @ lw("feed_forward.w2").T
-        return rms_norm(h, w["norm.weight"], p["norm_eps"]) @ w["output.weight"].T
+            gate = torch.nn.functional.silu(mm(x, "feed_forward.w1")) * mm(x, "feed_forward.w3")
+            h = h + mm(gate, "feed_forward.w2")
+        return self.linear(rms_norm(h, w["norm.weight"], p["norm_eps"]), "output")
+
+    def linear(self, x, name):
+        """``x`` times linear ``name``'s weight transposed ("layers.0.attention.wq", "output"): one
+        place where a subclass sees every linear's input (calibration sums x^T x there)."""
+        return x @ self.w[f"{name}.weight"].T
 
     def greedy(self, prompt_ids, n_tokens):
         ids = list(prompt_ids)

@@ -9,6 +9,10 @@ Keys read by ``apply`` (others are left to the recipe schema):
   seed's way of keeping each matmul narrow enough for the ANE (a 49152-wide LM head
   especially). The seed never splits in_features in practice (in_max_splits=1), nor do we.
 
+- ``share_embedding`` (default false): for a checkpoint with tied embeddings, drop the embedding
+  table and read token rows from the LM head (``ane_llama.head_rows``): the program then holds the
+  vocabulary's 49152 x 576 (SmolLM2) once, quantized as the head is, not twice.
+
 Every RMSNorm is also replaced by ``SafeRMSNorm``, which does not overflow in fp16. Not a
 setting: in fp16 the plain norm breaks real models (in eager fp16, SmolLM2-135M's top-1
 agreed with the fp32 reference at 3 of 64 positions with it, at 64 of 64 with
@@ -16,6 +20,7 @@ agreed with the fp32 reference at 3 of 64 positions with it, at 64 of 64 with
 """
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -86,6 +91,14 @@ class SplitLinear(nn.Module):
 
 
 LM_HEAD = "output"
+_CHUNK = re.compile(r"^(.*)\.chunks\.(\d+)$")
+
+
+def chunk_of(name):
+    """(the layer, the chunk's index) of the linear ``name`` in a rewritten model: ``output.chunks.3`` is
+    chunk 3 of ``output`` (its rows 3n .. 4n, n its width); a layer left whole is its own chunk 0."""
+    match = _CHUNK.match(name)
+    return (match[1], int(match[2])) if match else (name, 0)
 
 
 def split_count(out_features, target_split_size, max_splits):
@@ -112,6 +125,8 @@ def apply(model, ane_params, where="recipe"):
     then ``load_state_dict(state, strict=True, assign=True)``).
     """
     dtype = _dtype(ane_params.get("dtype", "fp16"), where)
+    if ane_params.get("share_embedding"):
+        _share_embedding(model, where)
     target = ane_params.get("target_split_size")
     if target is not None:
         target = _positive_int(target, "target_split_size", where)
@@ -122,6 +137,15 @@ def apply(model, ane_params, where="recipe"):
         if isinstance(norm, RMSNorm):
             _replace(model, name, SafeRMSNorm.replacing(norm))
     return model.to(dtype)
+
+
+def _share_embedding(model, where):
+    """Drop the embedding table: the model reads token rows from its LM head instead."""
+    table, head = model.tok_embeddings.weight, model.output.weight
+    if not table.is_meta and not torch.equal(table, head):
+        raise UserError(where, "ane.share_embedding: this checkpoint's embedding and LM head differ (its "
+                               "embeddings are not tied), so the head cannot serve as the embedding table")
+    model.tok_embeddings = None
 
 
 def _split_plan(model, target, max_splits, where):

@@ -5,6 +5,10 @@ Weights are quantized with torchao as the seed export does (weight-only; symmetr
 ``dequantize_affine`` into its constexpr ops). Each linear gets ``quantize.linear``'s kind
 unless a ``quantize.overrides`` pattern names it (mixed precision: e.g. the LM head at 8 bits).
 Kind ``source`` takes a GGUF checkpoint's own blocks as they are (``ane_build.quant.source_blocks``).
+With a calibrate entry (``quantize.fit`` other than data-free, or ``quantize.budget_mb``), the
+linears' codes are fitted with its statistics (``ane_build.quant.calibrated``), and under a budget
+each linear's kind is chosen among ``quantize.candidates`` (``ane_build.quant.allocate``);
+``allocation.json`` then says what each got and why.
 One program per method (``io.methods``): ``forward.pt2`` and, when ``ane.decode_method`` is
 set, ``prefill.pt2`` (``forward`` then takes one token). The entry carries ``spec.json`` (with
 a ``quantize`` section added) and the tokenizer forward, so the export stage reads only this entry.
@@ -12,6 +16,7 @@ a ``quantize`` section added) and the tokenizer forward, so the export stage rea
 
 import contextlib
 import fnmatch
+import json
 import logging
 import math
 import time
@@ -24,7 +29,7 @@ from ane_build import recipe
 from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.model import io
 from ane_build.programs import saved_programs
-from ane_build.quant import palettize, source_blocks
+from ane_build.quant import allocate, calibrated, calibration, palettize, source_blocks
 from ane_build.util import worker
 from ane_build.util.errors import UserError
 
@@ -41,6 +46,10 @@ MAPPINGS = ("symmetric", "asymmetric")
 # (torchao's half-quadratic solver, scale only: symmetric).
 SCALES = ("minmax", "hqq")
 FLOAT_BITS = {"fp16": 16, "fp32": 32}
+# The kinds a calibrated fit quantizes (and a budget chooses among), and how (quant/calibrated.py).
+FITTABLE = ("c8w", "c4w", "lut6", "lut4")
+FITS = ("data-free", "fisher", "gptq")
+ALLOCATION_FILE = "allocation.json"
 
 
 def resolve(params):
@@ -58,12 +67,16 @@ def resolve(params):
     if not isinstance(overrides, dict):
         raise UserError("", f"quantize.overrides={overrides!r}: expected a mapping of module pattern to kind")
     overrides = {str(pattern): _kind(kind, f"quantize.overrides.{pattern}") for pattern, kind in overrides.items()}
+    candidates = params.get("candidates") or ["c8w", "lut6", "lut4"]
+    for kind in candidates:
+        _choice(kind, FITTABLE, "quantize.candidates")
     palette_group = params.get("palette_group", 16)
     if isinstance(palette_group, bool) or not isinstance(palette_group, int) or palette_group < 1:
         raise UserError("", f"quantize.palette_group={palette_group!r}: expected a positive integer")
     return {"linear": linear, "group_size": group_size, "palette_group": palette_group, "mapping": mapping,
-            "scales": scales,
-            "overrides": overrides, "embedding": _embedding_spec(params.get("embedding"))}
+            "scales": scales, "overrides": overrides, "embedding": _embedding_spec(params.get("embedding")),
+            "fit": _choice(params.get("fit", "data-free"), FITS, "quantize.fit"), "budget_mb": params.get("budget_mb"),
+            "candidates": list(candidates), "allocated": {}}
 
 
 def _choice(value, choices, where):
@@ -84,7 +97,9 @@ def quantized_kinds(settings):
 def linear_kind(settings, name):
     """The kind a linear module ``name`` gets: the first override whose pattern matches it or a
     module holding it (``output`` takes ``output.chunks.3``; ``layers.0.*`` a whole layer), else
-    ``quantize.linear``."""
+    ``quantize.linear``; under a budget, what the allocator chose for it (``settings["allocated"]``)."""
+    if name in settings["allocated"]:
+        return settings["allocated"][name]
     for pattern, kind in settings["overrides"].items():
         if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in _prefixes(name)):
             return kind
@@ -112,18 +127,26 @@ def quantized_model(rewrite_entry, params):
     return quantize(io.load_model(rewrite_entry), settings, _source(rewrite_entry, settings))
 
 
+def _statistics(inputs):
+    """The calibrate entry's statistics, or None where the recipe has no calibrate stage."""
+    from ane_build.stages.calibrate import STATISTICS_FILE
+
+    return calibration.load(Path(inputs["calibrate"]) / STATISTICS_FILE) if "calibrate" in inputs else None
+
+
 def _source(rewrite_entry, settings):
     """The checkpoint's blocks when some linear takes them as they are (kind source), else None."""
     return checkpoint_blocks.load(rewrite_entry) if "source" in quantized_kinds(settings) else None
 
 
-def quantize(model, settings, source=None):
+def quantize(model, settings, source=None, fitted=None):
     """Quantize ``model`` in place as the resolved ``settings`` ask; returns it ready to export.
-    ``source``: the rewrite entry's blocks (``checkpoint_blocks.load``), for kind source."""
+    ``source``: the rewrite entry's blocks (``checkpoint_blocks.load``), for kind source; ``fitted``:
+    {linear name: ``calibrated.Fitted``} of the linears a calibrated fit quantized (``fit_linears``)."""
     from torchao.utils import unwrap_tensor_subclass
 
     _check_divisible(model, settings)
-    _quantize(model, settings, source)
+    _quantize(model, settings, source, fitted or {})
     # torch.export cannot trace torchao's tensor subclasses; this turns them into plain
     # tensors and an explicit dequantize_affine in the graph.
     return unwrap_tensor_subclass(model)
@@ -157,12 +180,14 @@ def _check_divisible(model, settings):
                                 f"width {dim}; use a divisor of {dim}, or 0 for one scale per row")
 
 
-def _quantize(model, settings, source=None):
+def _quantize(model, settings, source, fitted):
     from torchao.quantization.quant_api import quantize_
 
     if settings["embedding"]:
         quantize_(model, _embedding_config(settings["embedding"]), lambda m, fqn: isinstance(m, nn.Embedding))
-    kinds = {name: kind for name, (_, kind) in _linears(model, settings).items()}
+    for name, codes in fitted.items():
+        codes.apply(model.get_submodule(name), settings["palette_group"])
+    kinds = {name: kind for name, (_, kind) in _linears(model, settings).items() if name not in fitted}
     for kind in set(kinds.values()) - {"none", "source", *PALETTES}:
         quantize_(model, _linear_config(kind, settings), lambda m, fqn, kind=kind: kinds.get(fqn) == kind)
     for kind in set(kinds.values()) & set(PALETTES):
@@ -170,6 +195,57 @@ def _quantize(model, settings, source=None):
                                     lambda m, fqn, kind=kind: kinds.get(fqn) == kind)
     if "source" in kinds.values():
         source_blocks.quantize(model, [name for name, kind in kinds.items() if kind == "source"], source)
+
+
+def fit_linears(model, settings, stats, dtype):
+    """({linear name: ``calibrated.Fitted``}, the allocation report or None) of the linears fitted with
+    the calibration ``stats``: under ``budget_mb`` every linear no override names, at the kind the
+    allocator picks; the rest (all of them without a budget) at their own kind where it is fittable.
+    Records the allocation in ``settings["allocated"]``."""
+    if stats is None:
+        return {}, None
+    linears = _linears(model, settings)
+    free = [] if settings["budget_mb"] is None else [name for name in linears if not _overridden(settings, name)]
+    fitted = {name: _fit(name, m, kind, settings, stats) for name, (m, kind) in linears.items()
+              if name not in free and kind in FITTABLE}
+    if not free:
+        return fitted, None
+    options = {name: [_fit(name, linears[name][0], kind, settings, stats) for kind in settings["candidates"]]
+               for name in free}
+    # Everything but the free linears (the embedding, norms, overridden linears) at its own bits.
+    fixed = ideal_bytes(weight_groups(model, settings, dtype)) - \
+        sum(_ideal_bytes(linears[name][0], linears[name][1], dtype) for name in free)
+    chosen = allocate.allocate(options, settings["budget_mb"] * 1e6 - fixed)
+    if chosen is None:
+        smallest = (fixed + sum(min(o.bytes for o in opts) for opts in options.values())) / 1e6
+        raise UserError("", f"quantize.budget_mb={settings['budget_mb']}: the weights take at least {smallest:.1f} "
+                            f"MB with the smallest of {', '.join(settings['candidates'])} in every linear")
+    settings["allocated"] = {name: f.kind for name, f in chosen.items()}
+    return {**fitted, **chosen}, allocation_report(settings, fixed, chosen, options)
+
+
+def allocation_report(settings, fixed, chosen, options):
+    """allocation.json: the budget, what each free linear got, and the options it was chosen from."""
+    return {"budget_mb": settings["budget_mb"], "fit": settings["fit"], "fixed_mb": round(fixed / 1e6, 3),
+            "weights_mb": round((fixed + sum(f.bytes for f in chosen.values())) / 1e6, 3),
+            "estimated_kld": sum(f.estimated_kld for f in chosen.values()),
+            "kinds": {kind: sum(f.kind == kind for f in chosen.values()) for kind in settings["candidates"]},
+            "layers": {name: {"kind": f.kind, **{o.kind: {"bytes": o.bytes, "estimated_kld": o.estimated_kld}
+                                                 for o in options[name]}} for name, f in chosen.items()}}
+
+
+def _overridden(settings, name):
+    return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in settings["overrides"] for prefix in _prefixes(name))
+
+
+def _ideal_bytes(linear, kind, dtype):
+    return linear.weight.numel() * (LINEAR_BITS.get(kind) or FLOAT_BITS[dtype]) // 8
+
+
+def _fit(name, linear, kind, settings, stats):
+    fisher, xtx = calibrated.rows_of(stats, name, linear.out_features)
+    return calibrated.fit(linear.weight, fisher, xtx, kind, settings["fit"], settings["palette_group"],
+                          settings["mapping"] == "symmetric")
 
 
 def _embedding_config(embedding):
@@ -238,14 +314,20 @@ def export_program(model, spec, method, program, out_dir):
 
 
 def run(inputs, params, out_dir):
-    """inputs: {"rewrite": rewrite entry dir}; params: the recipe's ``quantize:`` mapping."""
+    """inputs: {"rewrite": rewrite entry dir, "calibrate": its entry dir where the recipe has that stage};
+    params: the recipe's ``quantize:`` mapping."""
     rewrite_dir, out_dir = Path(inputs["rewrite"]), Path(out_dir)
     spec = io.read_spec(rewrite_dir)
     settings = resolve(params)
     model = io.load_model(rewrite_dir)
     source = _source(rewrite_dir, settings)
+    started = time.time()
+    fitted, allocation = fit_linears(model, settings, _statistics(inputs), spec["ane"]["dtype"])
+    fit_seconds = round(time.time() - started, 1)
+    if allocation:
+        (out_dir / ALLOCATION_FILE).write_text(json.dumps(allocation, indent=1) + "\n")
     groups = weight_groups(model, settings, spec["ane"]["dtype"], source)
-    model = quantize(model, settings, source)
+    model = quantize(model, settings, source, fitted)
 
     programs = {method: {"file": f"{method}.pt2", "seq_length": n} for method, n in io.methods(spec["ane"]).items()}
     # Each method after the first is exported in a forked copy of this process meanwhile: tracing
@@ -256,7 +338,8 @@ def run(inputs, params, out_dir):
                    for m in others}
         seconds = {first: export_program(model, spec, first, programs[first], out_dir)}
         seconds.update((m, result()) for m, result in pending.items())
-    metrics = {"ideal_bytes": ideal_bytes(groups), **{f"{m}_export_seconds": t for m, t in seconds.items()}}
+    metrics = {"ideal_bytes": ideal_bytes(groups), "fit_seconds": fit_seconds,
+               **{f"{m}_export_seconds": t for m, t in seconds.items()}}
 
     io.copy_tokenizer(spec["tokenizer"], rewrite_dir, out_dir)
     quantize_section = {**settings, "weight_groups": groups, "ideal_bytes": metrics["ideal_bytes"]}

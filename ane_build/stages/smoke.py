@@ -101,9 +101,9 @@ def score_eval_and_coreml(export_dir, runtime, twin, tokenizer, reference, score
     interpreter reads model.pte in a second process (``worker``) while the twin reads the text."""
     n_eval = params.get("eval_tokens", DEFAULTS["eval_tokens"].default)
     results = [result for result, _ in scored]
-    eval_ids, not_run = coreml_plan(runtime, tokenizer, twin.info, params, n_eval)
+    eval_windows, not_run = coreml_plan(runtime, tokenizer, twin.info, params, n_eval)
     interpreting = worker.beside_or_later(start="fork")(
-        coreml_quality.interpret, export_dir / MODEL_FILE, coreml_quality.sequences(results, eval_ids)) \
+        coreml_quality.interpret, export_dir / MODEL_FILE, coreml_quality.sequences(results, eval_windows)) \
         if not_run is None else contextlib.nullcontext()
     with interpreting as interpreted:
         kept = {}
@@ -120,14 +120,14 @@ def score_eval_and_coreml(export_dir, runtime, twin, tokenizer, reference, score
 
 
 def coreml_plan(runtime, tokenizer, info, params, n_eval):
-    """(the evaluation text's first tokens that the interpreted Core ML program reads, None) where
+    """(the evaluation text's first windows that the interpreted Core ML program reads, None) where
     smoke interprets model.pte; else (None, why it does not)."""
     if runtime["program"] == MODEL_FILE:
         return None, "Smoke ran the Core ML program itself (this runtime has the Core ML backend)."
     if not params.get("interpret_coreml", DEFAULTS["interpret_coreml"].default):
         return None, "Not interpreted (smoke.interpret_coreml: false): every number above is the twin's."
     n = min(params.get("coreml_eval_tokens", DEFAULTS["coreml_eval_tokens"].default), n_eval)
-    return tokenizer.prompt_ids(quality.eval_text()[0], info)[:min(n, info.cache_size)] if n else [], None
+    return quality.eval_windows(tokenizer, info, n) if n else [], None
 
 
 def choose_program(registered_backends, dtype):
@@ -316,7 +316,7 @@ def _eval_lines(evaluation, settings):
         return ["", "On the evaluation text the program's logits held NaN or inf."]
     limit = settings.get("max_mean_kld", DEFAULTS["max_mean_kld"].default)
     return ["", f"Evaluation text ({evaluation['source']}, sha256 {evaluation['sha256'][:12]}), "
-                f"{evaluation['positions']} teacher-forced positions: top-1 agreement "
+                f"{evaluation['positions']} teacher-forced positions in {evaluation['windows']} windows: top-1 agreement "
                 f"{evaluation['top1_agreement']:.3f} (at least {settings['min_top1_agreement']} required), "
                 f"mean KL divergence from fp32 {evaluation['mean_kld']:.4f} (at most "
                 f"{limit} allowed; 99th percentile {evaluation['p99_kld']:.4f}, "

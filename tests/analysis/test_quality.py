@@ -18,7 +18,8 @@ from tests.tiny_llama import tiny_params, tiny_weights
 def test_the_evaluation_text_is_english_prose_pinned_by_its_hash():
     text, digest = quality.eval_text()
     assert digest == hashlib.sha256(text.encode()).hexdigest()
-    assert len(text.split()) > 500 and "name" in text
+    assert len(text.split()) > 5000 and "name" in text
+    assert [topic for topic, _ in quality.eval_chapters()] == list(quality.EVAL_TOPICS)
 
 
 @pytest.mark.parametrize(("generated", "loop"), [
@@ -79,3 +80,34 @@ def test_a_broken_program_is_not_finite(tmp_path_factory):
 def test_a_text_of_one_token_is_refused(fp32):
     with pytest.raises(UserError, match=r"^smoke.eval_tokens: 1 token\(s\) score no position"):
         score(fp32, 1)
+
+
+def tiny_program_and_tokenizer(inputs):
+    export_dir = inputs["export"]
+    return PteProgram(export_dir / TWIN_FILE), Tokenizer(export_dir / io.read_spec(export_dir)["tokenizer"])
+
+
+def test_the_text_is_cut_into_windows_of_the_cache_size_each_chapter_starting_one(fp32):
+    program, tokenizer = tiny_program_and_tokenizer(fp32)
+    cache = program.info.cache_size
+    chapters = [tokenizer.prompt_ids(text, program.info) for _, text in quality.eval_chapters()]
+    first = chapters[0]
+    windows = quality.eval_windows(tokenizer, program.info, 2 * cache + 6)
+    assert windows == [first[:cache], first[cache:2 * cache], first[2 * cache:2 * cache + 6]]
+    # A first chapter's last piece ends its window; the next chapter starts a new one, bos first.
+    everything = quality.eval_windows(tokenizer, program.info, 10 ** 9)
+    after_first = -(-len(first) // cache) - (len(first) % cache == 1)
+    assert everything[after_first] == chapters[1][:cache]
+    assert sum(map(len, everything)) >= sum(map(len, chapters)) - len(chapters)
+    # A shorter evaluation reads the same windows, the last one cut short: another program's prefix.
+    assert quality.eval_windows(tokenizer, program.info, cache + 5) == [first[:cache], first[cache:cache + 5]]
+
+
+def test_each_window_is_read_from_an_empty_cache(fp32):
+    """Three windows: had the program carried its cache from one to the next, the second and third would
+    see other tokens than the reference does and their agreement would fall (the first bound above)."""
+    cache = tiny_program_and_tokenizer(fp32)[0].info.cache_size
+    result = score(fp32, 2 * cache + 6)
+    assert (result["windows"], result["tokens"], result["positions"]) == (3, 2 * cache + 6, 2 * cache + 3)
+    assert result["top1_agreement"] >= 0.9
+    assert 0 <= result["mean_kld"] <= result["max_kld"] <= 2 * float_bounds.TINY_FP32_ATOL

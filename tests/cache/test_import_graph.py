@@ -41,9 +41,9 @@ def tiny_recipe(write):
 
 def test_an_edit_to_any_module_changes_the_key_of_every_stage_that_can_run_it(package_copy, tiny_recipe):
     before = _keys(tiny_recipe)
-    closures = {stage.name: set(import_graph.closure(stage.module_name, package_copy)) for stage in pipeline.STAGES}
-    downstream = {stage.name: {stage.name} | {s.name for s in pipeline.STAGES if _reads(s, stage.name)}
-                  for stage in pipeline.STAGES}
+    stages = pipeline.stages_of(tiny_recipe)
+    closures = {stage.name: set(import_graph.closure(stage.module_name, package_copy)) for stage in stages}
+    downstream = {stage.name: {stage.name} | {s.name for s in stages if _reads(s, stage.name)} for stage in stages}
     outside = []
     for module, path in import_graph.modules(package_copy).items():
         text = path.read_text()

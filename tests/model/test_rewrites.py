@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ane_build.model import rewrites
-from ane_build.model.ane_llama import AneLlama, RMSNorm
+from ane_build.model.ane_llama import AneLlama, RMSNorm, head_rows
 from ane_build.model.reference import rms_norm
 from ane_build.util.errors import UserError
 from tests import float_bounds
@@ -138,3 +138,41 @@ def test_fp16_rewrite_of_the_default_model_keeps_top1_at_64_teacher_forced_posit
     cache = SlidingCache(params, 1024, 64, dtype=torch.float16)
     got = torch.stack([cache.step(model, [i], 1)[0].argmax() for i in ids])
     assert got.tolist() == expected.tolist()
+
+
+def tied_model():
+    params = tiny_params()
+    weights = tiny_weights(params)
+    weights["output.weight"] = weights["tok_embeddings.weight"].clone()
+    return AneLlama.from_weights(params, weights)
+
+
+@pytest.mark.parametrize("split", [None, 32])
+def test_a_shared_embedding_reads_the_lm_heads_rows_exactly(split):
+    """Each token's row comes from one chunk (the others add exact zeros), so the rows are the table's, bit
+    for bit, whether the head is whole or in chunks, for every id including each chunk's first and last."""
+    ane = {"dtype": "fp32", "target_split_size": split, "max_splits": 4}
+    table = tied_model().tok_embeddings.weight
+    shared = rewrites.apply(tied_model(), {**ane, "share_embedding": True})
+    assert shared.tok_embeddings is None and not any("tok_embeddings" in name for name in shared.state_dict())
+    tokens = torch.arange(tiny_params()["vocab_size"]).reshape(4, -1)
+    assert torch.equal(head_rows(shared.output, tokens), table[tokens])
+
+
+def test_a_shared_embedding_model_computes_what_the_unshared_one_does():
+    from ane_build.model import io
+    from tests.stages.tiny_entries import ane as tiny_ane
+
+    ane = tiny_ane(dtype="fp32", target_split_size=32, max_splits=4)
+    spec = {"params": tiny_params(), "ane": {**ane, "cache_size": ane["max_seq_length"] - 1}}
+    inputs = io.example_inputs(spec, "forward", ane["seq_length"])
+    shared = rewrites.apply(tied_model(), {**ane, "share_embedding": True})
+    unshared = rewrites.apply(tied_model(), ane)
+    for got, want in zip(shared(*inputs)[0], unshared(*inputs)[0]):
+        assert torch.equal(got, want)
+
+
+def test_sharing_the_embedding_of_an_untied_checkpoint_is_a_user_error():
+    with pytest.raises(UserError, match=r"^recipe: ane.share_embedding: this checkpoint's embedding and LM head "
+                                        r"differ"):
+        rewrites.apply(tiny_model(), {"dtype": "fp32", "share_embedding": True})

@@ -80,7 +80,7 @@ def quantization_error(rewritten, params):
     """Squared error of layer 0's w2 after quantization, and the quantized weight."""
     model = quantize.io.load_model(rewritten)
     weight = model.layers[0].feed_forward.w2.weight.float().clone()
-    quantize._quantize(model, quantize.resolve(params))
+    quantize._quantize(model, quantize.resolve(params), None, {})
     got = model.layers[0].feed_forward.w2.weight
     return (got.dequantize().float() - weight).pow(2).sum().item(), got
 
@@ -145,4 +145,81 @@ def test_bad_settings_are_one_line_naming_the_key(rewritten, tmp_path, params, e
     message = str(err.value)
     assert all(part in message for part in expected), message
     assert "\n" not in message
+    assert not any((tmp_path / "quantize").iterdir())
+
+
+@pytest.fixture(scope="module")
+def calibrated_entry(tmp_path_factory):
+    """A calibrate entry of the tiny checkpoint the rewrite entry was made from (the same weights)."""
+    from ane_build.stages import calibrate
+    from tests.stages.tiny_export import convert_entry
+    from tests.tiny_llama import tiny_weights
+
+    root = tmp_path_factory.mktemp("calibrated")
+    converted = convert_entry(root / "convert", tiny_weights(tiny_params()))
+    (root / "calibrate").mkdir()
+    calibrate.run({"convert": converted}, {"text": None, "windows": 2, "window_tokens": 16}, root / "calibrate")
+    return root / "calibrate"
+
+
+def run_calibrated(rewritten, calibrated_entry, tmp_path, params):
+    out = tmp_path / "quantize"
+    out.mkdir(parents=True)
+    quantize.run({"rewrite": rewritten, "calibrate": calibrated_entry}, params, out)
+    return out
+
+
+def test_a_budget_mixes_kinds_to_fit_and_says_what_each_linear_got(rewritten, calibrated_entry, tmp_path):
+    import json
+
+    everything_c8w = io.read_spec(run(rewritten, tmp_path / "c8w", {"linear": "c8w"}))["quantize"]["ideal_bytes"]
+    budget = 0.8 * everything_c8w / 1e6
+    params = {"linear": "c8w", "fit": "fisher", "budget_mb": budget, "candidates": ["c8w", "lut4"],
+              "palette_group": 4, "overrides": {"output": "c8w"}}
+    entry = run_calibrated(rewritten, calibrated_entry, tmp_path / "mixed", params)
+    allocation = json.loads((entry / quantize.ALLOCATION_FILE).read_text())
+    assert allocation["weights_mb"] <= budget and allocation["kinds"]["c8w"] and allocation["kinds"]["lut4"]
+    assert not any(name.startswith("output") for name in allocation["layers"])  # an override stays as it is
+    spec = io.read_spec(entry)
+    assert spec["quantize"]["allocated"] == {name: layer["kind"] for name, layer in allocation["layers"].items()}
+    program = quantize.saved_programs.load(entry / "forward.pt2")
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("quant.dequantize_codebook.default") == allocation["kinds"]["lut4"]
+    # The most sensitive linears by the estimate keep 8 bits: each got the option the trade favoured.
+    eight = [layer["lut4"]["estimated_kld"] / (layer["c8w"]["bytes"] - layer["lut4"]["bytes"])
+             for layer in allocation["layers"].values() if layer["kind"] == "c8w"]
+    four = [layer["lut4"]["estimated_kld"] / (layer["c8w"]["bytes"] - layer["lut4"]["bytes"])
+            for layer in allocation["layers"].values() if layer["kind"] == "lut4"]
+    assert min(eight) >= max(four)
+
+
+def test_gptq_codes_export_and_follow_the_layers_outputs_closer(rewritten, calibrated_entry, tmp_path):
+    from ane_build.quant import calibration
+    from ane_build.stages.calibrate import STATISTICS_FILE
+
+    stats = calibration.load(calibrated_entry / STATISTICS_FILE)
+    xtx = stats["layers.0.feed_forward.w2"]["xtx"].double()
+    weight = io.load_model(rewritten).layers[0].feed_forward.w2.weight.double()
+    error = {}
+    for fit in ("data-free", "gptq"):
+        params = {"linear": "c4w", "fit": fit}
+        entry = run_calibrated(rewritten, calibrated_entry, tmp_path / fit, params) if fit == "gptq" else \
+            run(rewritten, tmp_path / fit, params)
+        program = quantize.saved_programs.load(entry / "forward.pt2")
+        assert any(str(n.target) == "torchao.dequantize_affine.default" for n in program.graph.nodes)
+        model = quantize.io.load_model(rewritten)
+        settings = quantize.resolve(params)
+        stats_or_none = stats if fit == "gptq" else None
+        fitted, _ = quantize.fit_linears(model, settings, stats_or_none, "fp16")
+        quantize._quantize(model, settings, None, fitted)
+        delta = model.layers[0].feed_forward.w2.weight.dequantize().double() - weight
+        error[fit] = float(torch.einsum("oi,ij,oj->", delta, xtx, delta))
+    assert error["gptq"] < error["data-free"]
+
+
+def test_a_budget_below_the_smallest_kinds_is_one_line_and_writes_nothing(rewritten, calibrated_entry, tmp_path):
+    with pytest.raises(UserError, match=r"^quantize.budget_mb=0.001: the weights take at least [0-9.]+ MB with the "
+                                        r"smallest of c8w, lut6, lut4 in every linear$"):
+        run_calibrated(rewritten, calibrated_entry, tmp_path, {"linear": "c8w", "budget_mb": 0.001,
+                                                               "palette_group": 4})
     assert not any((tmp_path / "quantize").iterdir())

@@ -33,10 +33,11 @@ def test_an_fp32_twin_agrees_with_the_fp32_reference_everywhere(tmp_path_factory
     evaluation = report["eval_text"]
     # fp32 both: they can differ only by summation order, never by a token's rank.
     assert evaluation["finite"] and evaluation["top1_agreement"] == 1.0 and evaluation["mean_kld"] < 1e-6
-    assert evaluation["tokens"] == 40 and evaluation["positions"] == 39  # the KV cache's window, not 512
+    # Windows of the KV cache's 40 slots, each from an empty cache: 40 + 40 + 20 tokens.
+    assert (evaluation["tokens"], evaluation["windows"], evaluation["positions"]) == (100, 3, 97)
     assert report["summary"]["eval_top1_agreement"] == 1.0
     text = (entry / smoke.REPORT_MD).read_text()
-    assert "39 teacher-forced positions: top-1 agreement 1.000" in text
+    assert "97 teacher-forced positions in 3 windows: top-1 agreement 1.000" in text
     first = report["prompts"][0]
     assert "`twin.pte` through executorch.runtime on XnnpackBackend" in text
     assert f"computing in fp32 on {report['runtime']['twin_kernels']['cpu']} (inferred from its features)" in text

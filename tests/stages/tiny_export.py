@@ -24,6 +24,7 @@ from tests.tiny_llama import sentencepiece_model, tiny_params, tiny_weights
 # model.pte is a stand-in here (see export_entry): nothing to interpret (tests/stages/test_smoke_coreml.py
 # builds real Core ML programs).
 SMOKE = {"prompts": ["the quick brown fox", "a lazy dog sleeps"], "n_steps": 12, "min_top1_agreement": 1.0,
+         "eval_tokens": 100,  # three windows of the tiny program's cache
          "temperature": 0.0, "interpret_coreml": False}
 CORE_ML_STAND_IN = b"stands in for the Core ML program: nothing here can run one"
 STAGE_KEYS = {name: f"{i:064x}" for i, name in enumerate(("fetch", "convert", "rewrite", "quantize", "export",
