@@ -9,15 +9,15 @@ type is not carried (``refused``). rewrite carries the file forward under the re
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ane_build.model import rewrites
-
 FILE = "blocks.safetensors"
+_CHUNK = re.compile(r"^(.*)\.chunks\.(\d+)$")
 _PARTS = ("qdata", "scale", "zero")
 
 
@@ -84,6 +84,13 @@ def load(folder):
     return Source(blocks, json.loads(meta["refused"]))
 
 
+def chunk_of(name):
+    """(the layer, the chunk's index) of the linear ``name`` in a rewritten model: ``output.chunks.3`` is
+    chunk 3 of ``output`` (its rows 3n .. 4n, n its width); a layer left whole is its own chunk 0."""
+    match = _CHUNK.match(name)
+    return (match[1], int(match[2])) if match else (name, 0)
+
+
 def rewritten(source, model):
     """``source`` under the rewritten ``model``'s weight names: the chunk ``<layer>.chunks.<i>`` of
     a linear split on its outputs takes rows i*n .. (i+1)*n of the layer's blocks (n its width)."""
@@ -91,7 +98,7 @@ def rewritten(source, model):
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        layer, i = rewrites.chunk_of(name)
+        layer, i = chunk_of(name)
         whole, weight = f"{layer}.weight", f"{name}.weight"
         if whole in source.blocks:
             rows = module.out_features

@@ -20,7 +20,6 @@ agreed with the fp32 reference at 3 of 64 positions with it, at 64 of 64 with
 """
 
 import math
-import re
 
 import torch
 from torch import nn
@@ -91,14 +90,6 @@ class SplitLinear(nn.Module):
 
 
 LM_HEAD = "output"
-_CHUNK = re.compile(r"^(.*)\.chunks\.(\d+)$")
-
-
-def chunk_of(name):
-    """(the layer, the chunk's index) of the linear ``name`` in a rewritten model: ``output.chunks.3`` is
-    chunk 3 of ``output`` (its rows 3n .. 4n, n its width); a layer left whole is its own chunk 0."""
-    match = _CHUNK.match(name)
-    return (match[1], int(match[2])) if match else (name, 0)
 
 
 def split_count(out_features, target_split_size, max_splits):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ane_build.model import rewrites
+from ane_build.checkpoint.blocks import chunk_of
 from ane_build.quant import gptq, sensitive_kmeans
 
 GRID_BITS = {"c4w": 4, "c8w": 8}
@@ -49,7 +49,7 @@ def rows_of(stats, name, out_features):
     """(Fisher rows [out, in], x^T x [in, in]) of the rewritten linear ``name``: a chunk
     ``<layer>.chunks.<i>`` of a split layer has rows i*n .. (i+1)*n of the layer's Fisher diagonal
     and the layer's inputs."""
-    layer, i = rewrites.chunk_of(name)
+    layer, i = chunk_of(name)
     layer_stats = stats[layer]
     return layer_stats["fisher"][i * out_features:(i + 1) * out_features], layer_stats["xtx"]
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -120,12 +121,18 @@ def _add(sums, key, value):
 # --- the calibration text -----------------------------------------------------------------------
 
 
-def evaluation_topics():
-    """The ``pydoc_data.topics`` chapters the quality analysis scores programs on."""
-    from ane_build.analysis import quality
+def chapters_quoting(texts):
+    """The ``pydoc_data.topics`` chapters that share a paragraph with one of ``texts``: Python's reference
+    prints some paragraphs in two chapters (``execmodel`` holds all of ``naming``)."""
+    from pydoc_data.topics import topics
 
-    # One topic (EVAL_TOPIC) before the analysis read several (EVAL_TOPICS): either way, excluded.
-    return set(getattr(quality, "EVAL_TOPICS", None) or (quality.EVAL_TOPIC,))
+    quoted = set().union(*map(_paragraphs, texts))
+    return {topic for topic, text in topics.items() if _paragraphs(text) & quoted}
+
+
+def _paragraphs(text, shortest=200):
+    """The paragraphs of ``text`` long enough that two chapters sharing one quote each other."""
+    return {p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) >= shortest}
 
 
 def pydoc_text(exclude):
@@ -145,14 +152,10 @@ def text_file(path):
         raise UserError(str(path), f"calibration text is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def calibration_windows(encode, n_windows, window, path=None, exclude=None):
+def calibration_windows(encode, n_windows, window, path=None, exclude=()):
     """(``n_windows`` lists of ``window`` token ids, sha256 of the text) for the text of ``path``,
-    else of ``pydoc_text(exclude)`` (``exclude`` defaulting to ``evaluation_topics()``).
-    ``encode``: text -> token ids (e.g. ``Tokenizer.encode``)."""
-    if path is not None:
-        text = text_file(path)
-    else:
-        text = pydoc_text(evaluation_topics() if exclude is None else exclude)
+    else of ``pydoc_text(exclude)``. ``encode``: text -> token ids (e.g. ``Tokenizer.encode``)."""
+    text = text_file(path) if path is not None else pydoc_text(exclude)
     digest = hashlib.sha256(text.encode()).hexdigest()
     return cut(encode(text), n_windows, window, where=str(path or "calibration text")), digest
 

@@ -64,3 +64,12 @@ def test_a_bad_text_file_is_one_line_naming_it_and_writes_nothing(converted, tmp
         run(converted, tmp_path, {**SETTINGS, "text": str(text)})
     assert str(err.value).startswith(str(text)) and expected in str(err.value) and "\n" not in str(err.value)
     assert not any((tmp_path / "calibrate").iterdir())
+
+
+def test_no_paragraph_the_evaluation_reads_is_in_the_calibration_text():
+    from ane_build.analysis import quality
+
+    text = calibration.pydoc_text(calibrate.held_out_topics())
+    scored = [p.strip() for _, chapter in quality.eval_chapters() for p in chapter.split("\n\n")]
+    assert not [p for p in scored if len(p) >= 200 and p in text]
+    assert {"naming", "execmodel", *quality.EVAL_TOPICS} <= calibrate.held_out_topics()
