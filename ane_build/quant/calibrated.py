@@ -38,11 +38,22 @@ class Fitted:
     estimated_kld: float
     codes: tuple  # (qdata, scale, zero point) of a grid, (codes, tables) of a palette
 
+    def to_numpy(self):
+        return Fitted(self.kind, self.bytes, self.estimated_kld, tuple(_map(lambda t: t.numpy(), self.codes)))
+
+    @classmethod
+    def from_numpy(cls, fitted):
+        return cls(fitted.kind, fitted.bytes, fitted.estimated_kld, tuple(_map(torch.from_numpy, fitted.codes)))
+
     def apply(self, linear, palette_group):
         """Give ``linear`` these codes as torchao's quantized weight; returns it."""
         if self.kind in GRID_BITS:
             return gptq.to_torchao(linear, *self.codes, GRID_BITS[self.kind])
         return sensitive_kmeans.palettize(linear, *self.codes, palette_group)
+
+
+def _map(function, codes):
+    return [None if c is None else function(c) for c in codes]
 
 
 def rows_of(stats, name, out_features):

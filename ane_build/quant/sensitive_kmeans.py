@@ -3,8 +3,8 @@
 Why: a plain k-means palette (``palettize.py``) minimises squared error, so the rare weights the
 output depends on most share clusters with many harmless ones. SqueezeLLM weighs each weight's
 squared error by its Fisher information (``calibration.statistics``): the fit then minimises
-sum(F * (w - table[code])**2), about twice the loss the palette adds, and spends table values
-on the weights that matter. With no importance (or all ones) it is plain k-means.
+sum(F * (w - table[code])**2), the second-order estimate of the loss the palette adds, and spends
+table values on the weights that matter. With no importance (or all ones) it is plain k-means.
 
 How: k-means in one dimension, every group of ``group_size`` output rows (one table each, as
 ``palettize.py``'s groups) at once, in torch. In one dimension a cluster is an interval of the
@@ -15,12 +15,12 @@ costs a binary search per table entry, not a pass over the weights.
 - Tables start at the weighted quantiles (equal shares of importance between them) and Lloyd's
   algorithm moves them to a fixed point (or ``iterations`` steps).
 - Lloyd's fixed points from there are poor when importance is uneven: a table value held by one
-  heavy weight never leaves it for many light ones. On rows of SmolLM2-135M with their Fisher
-  diagonal they came out at 1.3 to 3.5 times the optimum's error (exact dynamic programming on
-  small groups), scikit-learn's k-means++ (coremltools' path) at 1.08 to 1.2. So swaps follow,
-  as in swap-based k-means: in each group the two neighbours cheapest to merge give up a table
-  value to the cluster whose cut in two gains most, while that lowers the error. That ends at
-  1.04 to 1.08 times the optimum, and costs a few tens of Lloyd steps.
+  heavy weight never leaves it for many light ones. On rows of SmolLM2-135M, with their Fisher
+  diagonal or none, they came out at 1.5 to 3.5 times the optimum's error (exact dynamic
+  programming on small groups), scikit-learn's k-means++ (coremltools' path) at 1.1 to 1.2.
+  So swaps follow, as in swap-based k-means: in each group the two neighbours cheapest to merge
+  give up a table value to the cluster whose cut in two gains most, while that lowers the error.
+  That ends at 1.05 to 1.07 times the optimum on the same rows, for about as many more Lloyd steps.
 - A table value left with no weight takes the weight the table serves worst.
 
 Everything is deterministic (sorts are stable, no random starts): the same weights and importance

@@ -16,6 +16,7 @@ a ``quantize`` section added) and the tokenizer forward, so the export stage rea
 
 import contextlib
 import fnmatch
+import itertools
 import json
 import logging
 import math
@@ -206,12 +207,13 @@ def fit_linears(model, settings, stats, dtype):
         return {}, None
     linears = _linears(model, settings)
     free = [] if settings["budget_mb"] is None else [name for name in linears if not _overridden(settings, name)]
-    fitted = {name: _fit(name, m, kind, settings, stats) for name, (m, kind) in linears.items()
-              if name not in free and kind in FITTABLE}
+    jobs = [(name, kind) for name, (_, kind) in linears.items() if name not in free and kind in FITTABLE]
+    jobs += [(name, kind) for name in free for kind in settings["candidates"]]
+    done = _fit_all(jobs, {name: m for name, (m, _) in linears.items()}, settings, stats)
+    fitted = {name: f for (name, _), f in zip(jobs, done) if name not in free}
     if not free:
         return fitted, None
-    options = {name: [_fit(name, linears[name][0], kind, settings, stats) for kind in settings["candidates"]]
-               for name in free}
+    options = {name: [f for (n, _), f in zip(jobs, done) if n == name] for name in free}
     # Everything but the free linears (the embedding, norms, overridden linears) at its own bits.
     fixed = ideal_bytes(weight_groups(model, settings, dtype)) - \
         sum(_ideal_bytes(linears[name][0], linears[name][1], dtype) for name in free)
@@ -242,10 +244,39 @@ def _ideal_bytes(linear, kind, dtype):
     return linear.weight.numel() * (LINEAR_BITS.get(kind) or FLOAT_BITS[dtype]) // 8
 
 
-def _fit(name, linear, kind, settings, stats):
-    fisher, xtx = calibrated.rows_of(stats, name, linear.out_features)
-    return calibrated.fit(linear.weight, fisher, xtx, kind, settings["fit"], settings["palette_group"],
-                          settings["mapping"] == "symmetric")
+def _fit_all(jobs, modules, settings, stats):
+    """The ``calibrated.Fitted`` of each (linear name, kind) of ``jobs``, in order: every other one in a
+    forked copy of this process meanwhile, each side on one thread (a fit is a few small matrix products
+    and sorts at a time, which two threads share badly)."""
+    run_beside = worker.beside_or_later(start="fork")
+    with run_beside(_fit_some, jobs[0::2], modules, settings, stats, True) as evens, threads(1):
+        odds = _fit_some(jobs[1::2], modules, settings, stats)
+        evens = [calibrated.Fitted.from_numpy(f) for f in evens()]
+    return [f for pair in itertools.zip_longest(evens, odds) for f in pair if f is not None]
+
+
+def _fit_some(jobs, modules, settings, stats, as_numpy=False):
+    """The fits of ``jobs``; ``as_numpy``: their codes as numpy arrays, which cross processes as bytes
+    (torch's tensors would go as shared memory, gone with the process that made them)."""
+    done = []
+    for name, kind in jobs:
+        linear = modules[name]
+        fisher, xtx = calibrated.rows_of(stats, name, linear.out_features)
+        fitted = calibrated.fit(linear.weight, fisher, xtx, kind, settings["fit"], settings["palette_group"],
+                                settings["mapping"] == "symmetric")
+        done.append(fitted.to_numpy() if as_numpy else fitted)
+    return done
+
+
+@contextlib.contextmanager
+def threads(n):
+    """torch on ``n`` threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _embedding_config(embedding):

@@ -223,3 +223,14 @@ def test_a_budget_below_the_smallest_kinds_is_one_line_and_writes_nothing(rewrit
         run_calibrated(rewritten, calibrated_entry, tmp_path, {"linear": "c8w", "budget_mb": 0.001,
                                                                "palette_group": 4})
     assert not any((tmp_path / "quantize").iterdir())
+
+
+def test_the_fits_are_the_same_beside_or_in_this_process(rewritten, calibrated_entry, tmp_path, monkeypatch):
+    """ANE_BUILD_JOBS=2 fits every other linear in a forked copy of the process: the same codes either way."""
+    entries = {}
+    for jobs in ("2", "1"):
+        monkeypatch.setenv("ANE_BUILD_JOBS", jobs)
+        entries[jobs] = run_calibrated(rewritten, calibrated_entry, tmp_path / jobs,
+                                       {"linear": "c8w", "fit": "gptq", "budget_mb": 0.15, "palette_group": 4})
+    for name in ("forward.pt2", "spec.json", quantize.ALLOCATION_FILE):
+        assert (entries["2"] / name).read_bytes() == (entries["1"] / name).read_bytes(), name
