@@ -3,17 +3,18 @@
 Why: squared error treats every weight alike, yet a few weights move the model's output far more
 than the rest. Near a trained optimum the loss grows by about 0.5 * sum(F * dw**2) when the weights
 move by dw, F being the Fisher information's diagonal, here SqueezeLLM's: the mean over sequences
-of the squared gradient of each sequence's mean loss. Weighting the palette fit by F puts table
-values where the loss cares, and the same sum, per layer, ranks what quantizing each layer costs,
-which a mixed-precision allocator compares across layers. x^T x (a linear's inputs summed over
+of the squared gradient of each sequence's mean loss (scaled to one position, ``statistics``).
+Weighting the palette fit by F puts table values where the loss cares, and the same sum, per
+layer, estimates what quantizing each layer costs, which a mixed-precision allocator compares
+across layers. x^T x (a linear's inputs summed over
 every position: GPTQ's Hessian of the output error) comes out of the same pass, for methods that
 weigh a weight's error by what it multiplies.
 
-The sum is a ranking more than a KL divergence: per-token gradients partly cancel within a
-window, so 0.5 * sum(F * dw**2) with this F fell ~200 times short of the mean per-token KL
-divergence measured on SmolLM2-135M (one MLP weight palettized, 512-token windows; the ratio held
-within 190 to 220 across 4 and 6 bits, plain and weighted palettes). A per-token Fisher would
-scale right but costs a backward pass per token.
+The scale is approximate, the ranking steadier: a window's positions' gradients are not
+uncorrelated, and on SmolLM2-135M (one MLP weight palettized, 512-token windows) 0.5 * sum(F *
+dw**2) came out 2.3 to 2.7 times the mean per-position KL divergence measured on held-out text,
+a ratio that held across 4 and 6 bits, plain and weighted palettes (unscaled, per window, it fell
+~200 times short). A per-position Fisher would be exact but costs a backward pass per position.
 
 How: the fp32 ``ReferenceLlama`` reads each calibration window once with autograd on; the mean
 next-token cross-entropy of the window is differentiated with respect to every linear weight,

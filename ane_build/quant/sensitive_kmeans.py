@@ -41,9 +41,10 @@ from ane_build.quant import palettize as plain
 # At most this many Lloyd steps to a fixed point, and as many swap rounds (SmolLM2's weights need
 # tens of each).
 ITERATIONS = 300
-# Groups fitted together at most this many weights at a time: the three float64 running sums of
-# an LM head (49152 x 576) at once would take 0.7 GB.
-CHUNK = 1 << 22
+# Groups fitted together at most this many weights at a time: the float64 running sums and their
+# temporaries take some 200 bytes a weight (a whole LM head, 49152 x 576, would take 5 GB), and
+# larger chunks were no faster on SmolLM2's weights.
+CHUNK = 1 << 20
 
 
 def fit(weight, importance, bits, group_size, iterations=ITERATIONS):
@@ -59,9 +60,9 @@ def fit(weight, importance, bits, group_size, iterations=ITERATIONS):
     for start in range(0, values.shape[0], step):
         chunk = slice(start, start + step)
         c, t = _fit_groups(values[chunk], weights[chunk], 2**bits, iterations)
-        codes.append(c)
+        codes.append(c.to(torch.uint8))  # a byte a code at once: an LM head's int64 codes take 0.2 GB
         tables.append(t)
-    return torch.cat(codes).to(torch.uint8).reshape(out, columns), torch.cat(tables)
+    return torch.cat(codes).reshape(out, columns), torch.cat(tables)
 
 
 def dequantize(codes, tables, group_size):
@@ -103,7 +104,8 @@ def _group_importance(importance, values):
     if importance is None:
         return torch.ones_like(values)
     weights = importance.detach().float().reshape(values.shape)
-    return torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)
+    weighed = weights.sum(1, keepdim=True) > 0
+    return weights if bool(weighed.all()) else torch.where(weighed, weights, 1.0)
 
 
 class _Sorted(NamedTuple):

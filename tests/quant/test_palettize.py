@@ -7,6 +7,7 @@ from torchao.utils import unwrap_tensor_subclass
 
 from ane_build.quant.palettize import palettize_linears
 from ane_build.stages import export
+from tests.quant.coreml_luts import lowered_luts
 
 ROWS, COLUMNS = 32, 64
 
@@ -78,23 +79,10 @@ def test_the_exported_program_looks_up_tables_for_the_chosen_linears_only():
 
 def test_core_ml_takes_the_look_up_as_its_constexpr_lut_to_dense(monkeypatch):
     from coremltools.converters.mil.mil.types import builtin_to_string
-    from executorch.backends.apple.coreml.compiler import CoreMLBackend
 
-    converted = []
-    convert = CoreMLBackend._convert_to_mlmodel
-
-    def spy(*args, **kwargs):
-        converted.append(convert(*args, **kwargs))
-        return converted[-1]
-
-    monkeypatch.setattr(CoreMLBackend, "_convert_to_mlmodel", staticmethod(spy))
     model = unwrap_tensor_subclass(palettize_linears(TwoLinears(torch.float16), 6, 16))
-    program = torch.export.export(model, (torch.randn(2, COLUMNS, dtype=torch.float16),), strict=False)
-    settings = {"minimum_deployment_target": "iOS18", "compute_unit": "CPU_AND_NE"}
-    report = export.delegation_report(export.lower_coreml({"forward": program}, settings, "fp16", {}, seed="test"))
+    report, luts = lowered_luts(model, COLUMNS, monkeypatch)
     assert report["cpu_ops"] == {} and report["coreml_partitions"] == 1
-    ops = converted[0]._mil_program.functions["main"].operations
-    luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
     # One 64-entry table per 16 rows, indices of 6 bits, for each linear.
     assert sorted(op.lut.shape for op in luts) == [(ROWS // 16, 1, 64, 1), (COLUMNS // 16, 1, 64, 1)]
     assert {builtin_to_string(op.indices.dtype) for op in luts} == {"uint6"}

@@ -8,6 +8,7 @@ from torchao.utils import unwrap_tensor_subclass
 
 from ane_build.quant.palettize import palettize_linears
 from ane_build.quant.sensitive_kmeans import dequantize, fit, palettize, weighted_error
+from tests.quant.coreml_luts import lowered_luts
 
 ROWS, COLUMNS = 32, 64
 EPS = torch.finfo(torch.float32).eps
@@ -221,25 +222,9 @@ def test_the_export_is_the_plain_paths_table_look_up():
 
 def test_core_ml_takes_the_look_up_as_its_constexpr_lut_to_dense(monkeypatch):
     from coremltools.converters.mil.mil.types import builtin_to_string
-    from executorch.backends.apple.coreml.compiler import CoreMLBackend
 
-    from ane_build.stages import export
-
-    converted = []
-    convert = CoreMLBackend._convert_to_mlmodel
-
-    def spy(*args, **kwargs):
-        converted.append(convert(*args, **kwargs))
-        return converted[-1]
-
-    monkeypatch.setattr(CoreMLBackend, "_convert_to_mlmodel", staticmethod(spy))
-    model = unwrap_tensor_subclass(palettized(6, 16, torch.float16))
-    program = torch.export.export(model, (torch.randn(2, COLUMNS, dtype=torch.float16),), strict=False)
-    settings = {"minimum_deployment_target": "iOS18", "compute_unit": "CPU_AND_NE"}
-    report = export.delegation_report(export.lower_coreml({"forward": program}, settings, "fp16", {}, seed="test"))
+    report, luts = lowered_luts(unwrap_tensor_subclass(palettized(6, 16, torch.float16)), COLUMNS, monkeypatch)
     assert report["cpu_ops"] == {} and report["coreml_partitions"] == 1
-    luts = [op for op in converted[0]._mil_program.functions["main"].operations
-            if op.op_type == "constexpr_lut_to_dense"]
     assert sorted(op.lut.shape for op in luts) == [(ROWS // 16, 1, 64, 1), (COLUMNS // 16, 1, 64, 1)]
     assert {builtin_to_string(op.indices.dtype) for op in luts} == {"uint6"}
 
