@@ -122,10 +122,14 @@ def _embedding_spec(text):
     return {"bits": int(bits), "group": int(group)}
 
 
-def quantized_model(rewrite_entry, params):
-    """The rewrite entry's model with its weights quantized as ``params`` asks, ready to export."""
+def quantized_model(rewrite_entry, params, calibrate_entry=None):
+    """The rewrite entry's model with its weights quantized as ``params`` asks, ready to export;
+    ``calibrate_entry``: the calibrate stage's entry of a recipe that has one (the stage's own fits)."""
     settings = resolve(params)
-    return quantize(io.load_model(rewrite_entry), settings, _source(rewrite_entry, settings))
+    model = io.load_model(rewrite_entry)
+    stats = _statistics({"calibrate": calibrate_entry} if calibrate_entry else {})
+    fitted, _ = fit_linears(model, settings, stats, io.read_spec(rewrite_entry)["ane"]["dtype"])
+    return quantize(model, settings, _source(rewrite_entry, settings), fitted)
 
 
 def _statistics(inputs):

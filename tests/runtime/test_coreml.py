@@ -36,13 +36,14 @@ def entries(tmp_path_factory):
 def outputs_and_bounds(entries, quantize_params=lint_builds.QUANTIZE):
     """{method: [(the interpreter's output, the twin's, the most either may be from exact, exact)]}
     for one later call of each method (random cache rows, half the cache open), of the export
-    entry made from ``entries["rewrite"]`` quantized with ``quantize_params``."""
+    entry made from ``entries["rewrite"]`` quantized with ``quantize_params`` (and ``entries["calibrate"]``'s
+    statistics, where the recipe has that stage)."""
     from executorch.runtime import Runtime
 
     spec = io.read_spec(entries["export"])
     dtype = DTYPES[spec["ane"]["dtype"]]
     exact_dtype = float_bounds.REFERENCE_DTYPES[dtype]
-    eager = quantize.quantized_model(entries["rewrite"], quantize_params)
+    eager = quantize.quantized_model(entries["rewrite"], quantize_params, entries.get("calibrate"))
     exact = exact_model(entries["rewrite"], eager, exact_dtype)
     coreml = coreml_methods.CoreMLMethods(entries["export"] / export.MODEL_FILE)
     twin = Runtime.get().load_program(entries["export"] / export.TWIN_FILE)
