@@ -16,7 +16,6 @@ a ``quantize`` section added) and the tokenizer forward, so the export stage rea
 
 import contextlib
 import fnmatch
-import itertools
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from ane_build import recipe
 from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.model import io
 from ane_build.programs import saved_programs
-from ane_build.quant import allocate, calibrated, calibration, palettize, source_blocks
+from ane_build.quant import calibration, mixed, palettize, source_blocks
 from ane_build.util import worker
 from ane_build.util.errors import UserError
 
@@ -213,7 +212,7 @@ def fit_linears(model, settings, stats, dtype):
     free = [] if settings["budget_mb"] is None else [name for name in linears if not _overridden(settings, name)]
     jobs = [(name, kind) for name, (_, kind) in linears.items() if name not in free and kind in FITTABLE]
     jobs += [(name, kind) for name in free for kind in settings["candidates"]]
-    done = _fit_all(jobs, {name: m for name, (m, _) in linears.items()}, settings, stats)
+    done = mixed.fit_all(jobs, {name: m for name, (m, _) in linears.items()}, settings, stats)
     fitted = {name: f for (name, _), f in zip(jobs, done) if name not in free}
     if not free:
         return fitted, None
@@ -221,23 +220,9 @@ def fit_linears(model, settings, stats, dtype):
     # Everything but the free linears (the embedding, norms, overridden linears) at its own bits.
     fixed = ideal_bytes(weight_groups(model, settings, dtype)) - \
         sum(_ideal_bytes(linears[name][0], linears[name][1], dtype) for name in free)
-    chosen = allocate.allocate(options, settings["budget_mb"] * 1e6 - fixed)
-    if chosen is None:
-        smallest = (fixed + sum(min(o.bytes for o in opts) for opts in options.values())) / 1e6
-        raise UserError("", f"quantize.budget_mb={settings['budget_mb']}: the weights take at least {smallest:.1f} "
-                            f"MB with the smallest of {', '.join(settings['candidates'])} in every linear")
+    chosen, report = mixed.allocation(options, fixed, settings)
     settings["allocated"] = {name: f.kind for name, f in chosen.items()}
-    return {**fitted, **chosen}, allocation_report(settings, fixed, chosen, options)
-
-
-def allocation_report(settings, fixed, chosen, options):
-    """allocation.json: the budget, what each free linear got, and the options it was chosen from."""
-    return {"budget_mb": settings["budget_mb"], "fit": settings["fit"], "fixed_mb": round(fixed / 1e6, 3),
-            "weights_mb": round((fixed + sum(f.bytes for f in chosen.values())) / 1e6, 3),
-            "estimated_kld": sum(f.estimated_kld for f in chosen.values()),
-            "kinds": {kind: sum(f.kind == kind for f in chosen.values()) for kind in settings["candidates"]},
-            "layers": {name: {"kind": f.kind, **{o.kind: {"bytes": o.bytes, "estimated_kld": o.estimated_kld}
-                                                 for o in options[name]}} for name, f in chosen.items()}}
+    return {**fitted, **chosen}, report
 
 
 def _overridden(settings, name):
@@ -246,41 +231,6 @@ def _overridden(settings, name):
 
 def _ideal_bytes(linear, kind, dtype):
     return linear.weight.numel() * (LINEAR_BITS.get(kind) or FLOAT_BITS[dtype]) // 8
-
-
-def _fit_all(jobs, modules, settings, stats):
-    """The ``calibrated.Fitted`` of each (linear name, kind) of ``jobs``, in order: every other one in a
-    forked copy of this process meanwhile, each side on one thread (a fit is a few small matrix products
-    and sorts at a time, which two threads share badly)."""
-    run_beside = worker.beside_or_later(start="fork")
-    with run_beside(_fit_some, jobs[0::2], modules, settings, stats, True) as evens, threads(1):
-        odds = _fit_some(jobs[1::2], modules, settings, stats)
-        evens = [calibrated.Fitted.from_numpy(f) for f in evens()]
-    return [f for pair in itertools.zip_longest(evens, odds) for f in pair if f is not None]
-
-
-def _fit_some(jobs, modules, settings, stats, as_numpy=False):
-    """The fits of ``jobs``; ``as_numpy``: their codes as numpy arrays, which cross processes as bytes
-    (torch's tensors would go as shared memory, gone with the process that made them)."""
-    done = []
-    for name, kind in jobs:
-        linear = modules[name]
-        fisher, xtx = calibrated.rows_of(stats, name, linear.out_features)
-        fitted = calibrated.fit(linear.weight, fisher, xtx, kind, settings["fit"], settings["palette_group"],
-                                settings["mapping"] == "symmetric")
-        done.append(fitted.to_numpy() if as_numpy else fitted)
-    return done
-
-
-@contextlib.contextmanager
-def threads(n):
-    """torch on ``n`` threads inside the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _embedding_config(embedding):
