@@ -55,12 +55,15 @@ SCHEMES = {
                       "mapping": "asymmetric"}}, False),
     "budget 130 MB: c8w / lut6 / lut4 per 16, head c8w, Fisher + GPTQ": (
         {"quantize": {**C8W, "fit": "gptq", "budget_mb": 130, "overrides": {"output": "c8w"}}}, False),
+    "budget 120 MB: c8w / lut6 per 16, head c8w, Fisher + GPTQ (the default)": (
+        {"quantize": {**C8W, "fit": "gptq", "budget_mb": 120, "candidates": ["c8w", "lut6"],
+                      "overrides": {"output": "c8w"}}}, False),
     "budget 120 MB: c8w / lut6 / lut4 per 16, head c8w, Fisher + GPTQ": (
         {"quantize": {**C8W, "fit": "gptq", "budget_mb": 120, "overrides": {"output": "c8w"}}}, False),
     "c8w asym, GPTQ": ({"quantize": {**C8W, "fit": "gptq"}}, False),
     "b4w/32 asymmetric": ({"quantize": {"linear": "b4w", "group_size": 32, "mapping": "asymmetric"}}, True),
     "source: the GGUF's Q4_1 / Q8_0 blocks": ({"quantize": {"linear": "source"}}, True),
-    "c8w asym (the default: embedding read from the LM head)": ({"quantize": C8W}, False),
+    "c8w asym, round to nearest, embedding read from the LM head": ({"quantize": C8W}, False),
     "c8w asym, embedding 8,0 apart (the default before)": (
         {"quantize": {**C8W, "embedding": "8,0"}, "ane": APART}, False),
 }

@@ -36,7 +36,7 @@ def built(tmp_path_factory, smollm2_gguf):
 def test_default_build_runs_every_stage_of_the_default_recipe(built):
     _, first, _ = built
     assert [name.split(":")[0] for name in executed(first)] == [
-        "fetch", "convert", "rewrite", "calibrate", "quantize", "export", "smoke", "release"]
+        "fetch", "convert", "calibrate", "rewrite", "quantize", "export", "smoke", "release"]
 
 
 @pytest.mark.slow
