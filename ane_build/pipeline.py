@@ -5,9 +5,9 @@ source), so a build knows what is cached before anything runs.
 """
 
 import importlib
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ane_build.cache import keys
 from ane_build.recipe import needs_calibration, recorded
@@ -74,13 +74,15 @@ def key_params(stage, recipe, file_sha256):
         # The evaluation text comes with Python, and its bytes differ between some releases.
         return {"smoke": recipe["smoke"], **flags(stage, recipe), "eval_text_sha256": quality.eval_text()[1]}
     if stage.name == "calibrate":
-        from ane_build.stages import calibrate
+        from ane_build.analysis import quality
+        from ane_build.quant import calibration_text
 
         # The text is keyed by its bytes: a file named in the recipe, or Python's own (which differ
         # between some releases).
         section = recipe["calibrate"]
         named = {**section, "text": section["text"] and Path(section["text"]).name}  # not where it is on this host
-        return {"calibrate": named, "text_sha256": calibrate.text_sha256(section)}
+        text = calibration_text.chosen_text(section["text"], quality.held_out_topics())
+        return {"calibrate": named, "text_sha256": calibration_text.sha256(text)}
     if stage.name == "release":
         from ane_build.bundle import runner_sources
 

@@ -47,6 +47,14 @@ def eval_text():
     return text, hashlib.sha256(text.encode()).hexdigest()
 
 
+def held_out_topics():
+    """The evaluation's chapters and every chapter quoting one of their paragraphs: the calibration
+    (``quant.calibration_text``) reads none of them, so no program is tuned on text it is scored on."""
+    from ane_build.quant import calibration_text
+
+    return set(EVAL_TOPICS) | calibration_text.chapters_quoting([text for _, text in eval_chapters()])
+
+
 def eval_windows(tokenizer, info, n_tokens):
     """The first ``n_tokens`` tokens of the evaluation text as the windows a program reads, each
     from an empty cache: every chapter from its start, cut every ``info.cache_size`` tokens.

@@ -1,15 +1,14 @@
 """calibrate: canonical checkpoint + recipe ``calibrate:`` -> what each linear's weights matter for.
 
 The fp32 reference reads ``windows`` windows of ``window_tokens`` tokens of the calibration text
-(``quant.calibration``: Python's language reference less the evaluation text's chapters and those
-quoting them, or the recipe's own file), and the entry keeps per linear the Fisher diagonal and the inputs' x^T x
+(``quant.calibration_text``: Python's language reference less the evaluation text's chapters and
+those quoting them, or the recipe's own file), and the entry keeps per linear the Fisher diagonal and the inputs' x^T x
 (``statistics.safetensors``) under the checkpoint's names, with ``calibration.json`` saying what
 was read and what it cost. Only recipes whose quantizers read it have this stage
 (``recipe.needs_calibration``); it reads the checkpoint alone, so every device's recipe of a model
 shares one entry. The quantize stage maps the statistics onto the rewritten (split) linears.
 """
 
-import hashlib
 import json
 import logging
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from ane_build.analysis import quality
 from ane_build.checkpoint import canonical
 from ane_build.model.reference import ReferenceLlama
-from ane_build.quant import calibration
+from ane_build.quant import calibration, calibration_text
 from ane_build.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,25 +25,14 @@ STATISTICS_FILE = "statistics.safetensors"
 REPORT_FILE = "calibration.json"
 
 
-def held_out_topics():
-    """The evaluation text's chapters and every chapter quoting one of their paragraphs: no program is
-    tuned on text it is scored on."""
-    return set(quality.EVAL_TOPICS) | calibration.chapters_quoting([text for _, text in quality.eval_chapters()])
-
-
-def text_sha256(params):
-    """The sha256 of the text the recipe's ``calibrate:`` section calibrates on (for its key)."""
-    text = calibration.text_file(params["text"]) if params.get("text") else calibration.pydoc_text(held_out_topics())
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def run(inputs, params, out_dir):
     """inputs: {"convert": canonical checkpoint dir}; params: the recipe's ``calibrate:`` mapping."""
     ckpt_dir, out_dir = Path(inputs["convert"]), Path(out_dir)
     info = canonical.read_info(ckpt_dir)
     tokenizer = Tokenizer(ckpt_dir / info["tokenizer"])
-    windows, digest = calibration.calibration_windows(tokenizer.encode, params["windows"], params["window_tokens"],
-                                                      path=params.get("text"), exclude=held_out_topics())
+    windows, digest = calibration_text.calibration_windows(tokenizer.encode, params["windows"],
+                                                           params["window_tokens"], path=params.get("text"),
+                                                           exclude=quality.held_out_topics())
     started = time.time()
     stats = calibration.statistics(ReferenceLlama.from_checkpoint(ckpt_dir), windows)
     seconds = round(time.time() - started, 1)

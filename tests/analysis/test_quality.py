@@ -111,3 +111,13 @@ def test_each_window_is_read_from_an_empty_cache(fp32):
     assert (result["windows"], result["tokens"], result["positions"]) == (3, 2 * cache + 6, 2 * cache + 3)
     assert result["top1_agreement"] >= 0.9
     assert 0 <= result["mean_kld"] <= result["max_kld"] <= 2 * float_bounds.TINY_FP32_ATOL
+
+
+def test_no_paragraph_the_evaluation_reads_is_in_the_calibration_text():
+    """Python's reference prints some paragraphs in two chapters (``execmodel`` holds all of ``naming``)."""
+    from ane_build.quant import calibration_text
+
+    text = calibration_text.pydoc_text(quality.held_out_topics())
+    scored = [p.strip() for _, chapter in quality.eval_chapters() for p in chapter.split("\n\n")]
+    assert not [p for p in scored if len(p) >= 200 and p in text]
+    assert {"naming", "execmodel", *quality.EVAL_TOPICS} <= quality.held_out_topics()

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ane_build.quant import calibration
+from ane_build.analysis import quality
+from ane_build.quant import calibration, calibration_text
 from ane_build.stages import calibrate
 from ane_build.util.errors import UserError
 from tests.stages.tiny_export import convert_entry
@@ -35,18 +36,28 @@ def test_every_linear_of_the_checkpoint_gets_its_statistics(converted, tmp_path)
     assert all((s["fisher"] >= 0).all() and s["fisher"].sum() > 0 for s in stats.values())
     report = json.loads((out / calibrate.REPORT_FILE).read_text())
     assert (report["windows"], report["window_tokens"]) == (2, 16) and metrics["calibration_tokens"] == 32
-    assert report["sha256"] == calibrate.text_sha256(SETTINGS)
+    assert report["sha256"] == calibration_text.sha256(calibration_text.pydoc_text(quality.held_out_topics()))
 
 
-def test_a_named_text_file_is_read_and_keyed_by_its_bytes(converted, tmp_path):
+def test_a_named_text_file_is_read_and_keyed_by_its_bytes_not_its_folder(converted, tmp_path):
+    from ane_build import pipeline, recipe
+
     text = tmp_path / "mine.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    settings = {**SETTINGS, "text": str(text)}
-    _, out = run(converted, tmp_path, settings)
+    _, out = run(converted, tmp_path, {**SETTINGS, "text": str(text)})
     assert json.loads((out / calibrate.REPORT_FILE).read_text())["text"] == "mine.txt"
-    before = calibrate.text_sha256(settings)
+
+    def key(path):
+        rec = recipe.validate({"source": {"path": "/models/tiny"}, "calibrate": {"text": str(path)},
+                               "quantize": {"fit": "fisher", "linear": "lut6"}}, "recipes/tiny.yaml")
+        return pipeline.key_params(pipeline.BY_NAME["calibrate"], rec, None)
+
+    before = key(text)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine.txt").write_bytes(text.read_bytes())
+    assert key(tmp_path / "elsewhere" / "mine.txt") == before  # the same bytes in another folder
     text.write_text("a lazy dog sleeps. " * 80)
-    assert calibrate.text_sha256(settings) != before != calibrate.text_sha256(SETTINGS)
+    assert key(text) != before
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -64,12 +75,3 @@ def test_a_bad_text_file_is_one_line_naming_it_and_writes_nothing(converted, tmp
         run(converted, tmp_path, {**SETTINGS, "text": str(text)})
     assert str(err.value).startswith(str(text)) and expected in str(err.value) and "\n" not in str(err.value)
     assert not any((tmp_path / "calibrate").iterdir())
-
-
-def test_no_paragraph_the_evaluation_reads_is_in_the_calibration_text():
-    from ane_build.analysis import quality
-
-    text = calibration.pydoc_text(calibrate.held_out_topics())
-    scored = [p.strip() for _, chapter in quality.eval_chapters() for p in chapter.split("\n\n")]
-    assert not [p for p in scored if len(p) >= 200 and p in text]
-    assert {"naming", "execmodel", *quality.EVAL_TOPICS} <= calibrate.held_out_topics()
