@@ -75,6 +75,13 @@ def test_extends_cycle(write):
     assert "extends: cycle" in load_err(write("c.yaml", "extends: a.yaml\n"))
 
 
+def test_a_shared_embedding_with_an_embedding_scheme_of_its_own_is_one_line(write):
+    msg = load_err(write("r.yaml", SOURCE + "ane: {share_embedding: true}\nquantize: {embedding: '8,0'}\n"))
+    assert msg.endswith("r.yaml: quantize.embedding: ane.share_embedding reads the embedding from the LM head, "
+                        "which is quantized as a linear (quantize.linear / overrides.output); remove one")
+    assert "\n" not in msg
+
+
 def test_extends_missing_base(write):
     assert "base recipe" in load_err(write("r.yaml", "extends: nope.yaml\n"))
 

@@ -91,7 +91,5 @@ def _grid(weight, xtx, bits, method, symmetric):
     if method == "gptq":
         return gptq.quantize_per_channel(weight, xtx, bits, symmetric=symmetric, damp=DAMP)
     scale, zero_point = gptq.min_max_grid(weight, bits, symmetric)
-    low, high = gptq.int_range(bits)
-    shift = zero_point.float()[:, None]
-    qdata = (weight / scale[:, None]).round().add(shift).clamp(low, high).to(torch.int8)
-    return qdata, scale, (None if symmetric else zero_point)
+    zero_point = None if symmetric else zero_point
+    return gptq.round_to_nearest(weight, scale, zero_point, bits), scale, zero_point

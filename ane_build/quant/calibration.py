@@ -38,6 +38,7 @@ import torch
 from ane_build.model.reference import ReferenceLlama
 
 log = logging.getLogger(__name__)
+FILE = "statistics.safetensors"  # the calibrate stage's entry holds them under this name
 
 
 def statistics(reference, windows):

@@ -79,7 +79,7 @@ def quantize_to_tables(weight, xtx, tables, group_size, damp=0.01, block=128, ac
     """GPTQ onto fixed palettes: rows [g * group_size, (g + 1) * group_size) share ``tables[g]``.
 
     weight [out, in], xtx [in, in], tables [out // group_size, K] float with K <= 256.
-    Returns codes uint8 [out, in]: weight ~ ``lookup(codes, tables, group_size)``."""
+    Returns codes uint8 [out, in]: weight ~ ``sensitive_kmeans.dequantize(codes, tables, group_size)``."""
     weight = _checked(weight, xtx)
     tables = tables.detach().float()
     if tables.dim() != 2 or tables.shape[0] * group_size != weight.shape[0] or tables.shape[1] > 256:
@@ -102,11 +102,6 @@ def dequantize(qdata, scale, zero_point=None):
     """(qdata - zero_point) * scale per row, fp32, in torchao's dequantize_affine's order of operations."""
     shifted = qdata.float() if zero_point is None else qdata.float() - zero_point.float()[:, None]
     return shifted * scale[:, None]
-
-
-def lookup(codes, tables, group_size):
-    """The weight that ``codes`` [out, in] stand for: entry codes[r, c] of row r's table."""
-    return tables.float().repeat_interleave(group_size, dim=0).gather(1, codes.long())
 
 
 def to_torchao(linear, qdata, scale, zero_point, bits):

@@ -21,7 +21,6 @@ from ane_build.quant import calibration, calibration_text
 from ane_build.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-STATISTICS_FILE = "statistics.safetensors"
 REPORT_FILE = "calibration.json"
 
 
@@ -38,7 +37,7 @@ def run(inputs, params, out_dir):
     seconds = round(time.time() - started, 1)
     log.info("calibrated %d linears on %d windows of %d tokens in %.1f s", len(stats), len(windows),
              params["window_tokens"], seconds)
-    calibration.save(stats, out_dir / STATISTICS_FILE)
+    calibration.save(stats, out_dir / calibration.FILE)
     report = {"text": Path(params["text"]).name if params.get("text") else "pydoc_data.topics less the evaluation's",
               "sha256": digest, "windows": len(windows), "window_tokens": params["window_tokens"], "seconds": seconds}
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

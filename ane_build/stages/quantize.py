@@ -29,7 +29,7 @@ from ane_build import recipe
 from ane_build.checkpoint import blocks as checkpoint_blocks
 from ane_build.model import io
 from ane_build.programs import saved_programs
-from ane_build.quant import calibration, mixed, palettize, source_blocks
+from ane_build.quant import calibrated, calibration, mixed, palettize, source_blocks
 from ane_build.util import worker
 from ane_build.util.errors import UserError
 
@@ -47,7 +47,7 @@ MAPPINGS = ("symmetric", "asymmetric")
 SCALES = ("minmax", "hqq")
 FLOAT_BITS = {"fp16": 16, "fp32": 32}
 # The kinds a calibrated fit quantizes (and a budget chooses among), and how (quant/calibrated.py).
-FITTABLE = ("c8w", "c4w", "lut6", "lut4")
+FITTABLE = (*calibrated.GRID_BITS, *calibrated.PALETTE_BITS)
 FITS = ("data-free", "fisher", "gptq")
 ALLOCATION_FILE = "allocation.json"
 
@@ -100,10 +100,15 @@ def linear_kind(settings, name):
     ``quantize.linear``; under a budget, what the allocator chose for it (``settings["allocated"]``)."""
     if name in settings["allocated"]:
         return settings["allocated"][name]
+    return _override(settings, name) or settings["linear"]
+
+
+def _override(settings, name):
+    """The kind of the first override whose pattern matches ``name`` or a module holding it, else None."""
     for pattern, kind in settings["overrides"].items():
         if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in _prefixes(name)):
             return kind
-    return settings["linear"]
+    return None
 
 
 def _prefixes(name):
@@ -133,9 +138,7 @@ def quantized_model(rewrite_entry, params, calibrate_entry=None):
 
 def _statistics(inputs):
     """The calibrate entry's statistics, or None where the recipe has no calibrate stage."""
-    from ane_build.stages.calibrate import STATISTICS_FILE
-
-    return calibration.load(Path(inputs["calibrate"]) / STATISTICS_FILE) if "calibrate" in inputs else None
+    return calibration.load(Path(inputs["calibrate"]) / calibration.FILE) if "calibrate" in inputs else None
 
 
 def _source(rewrite_entry, settings):
@@ -209,7 +212,7 @@ def fit_linears(model, settings, stats, dtype):
     if stats is None:
         return {}, None
     linears = _linears(model, settings)
-    free = [] if settings["budget_mb"] is None else [name for name in linears if not _overridden(settings, name)]
+    free = [] if settings["budget_mb"] is None else [name for name in linears if _override(settings, name) is None]
     jobs = [(name, kind) for name, (_, kind) in linears.items() if name not in free and kind in FITTABLE]
     jobs += [(name, kind) for name in free for kind in settings["candidates"]]
     done = mixed.fit_all(jobs, {name: m for name, (m, _) in linears.items()}, settings, stats)
@@ -223,10 +226,6 @@ def fit_linears(model, settings, stats, dtype):
     chosen, report = mixed.allocation(options, fixed, settings)
     settings["allocated"] = {name: f.kind for name, f in chosen.items()}
     return {**fitted, **chosen}, report
-
-
-def _overridden(settings, name):
-    return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in settings["overrides"] for prefix in _prefixes(name))
 
 
 def _ideal_bytes(linear, kind, dtype):

@@ -12,7 +12,7 @@ from torchao.quantization.granularity import PerAxis
 from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType, quantize_
 from torchao.utils import unwrap_tensor_subclass
 
-from ane_build.quant import gptq
+from ane_build.quant import gptq, sensitive_kmeans
 
 ROWS, COLUMNS, TOKENS = 256, 64, 1024
 # fp32's unit roundoff.
@@ -196,8 +196,8 @@ def test_palettes_get_the_same_error_feedback(group_size, entries, seed):
     codes = gptq.quantize_to_tables(weight, x.T @ x, tables, group_size)
     assert codes.dtype == torch.uint8 and codes.shape == weight.shape and codes.max() < entries
     nearest = nearest_entries(weight, tables, group_size)
-    assert output_error(x, weight, gptq.lookup(codes, tables, group_size)) < \
-        output_error(x, weight, gptq.lookup(nearest, tables, group_size))
+    assert output_error(x, weight, sensitive_kmeans.dequantize(codes, tables, group_size)) < \
+        output_error(x, weight, sensitive_kmeans.dequantize(nearest, tables, group_size))
 
 
 def test_uncorrelated_inputs_take_each_weights_nearest_entry():

@@ -25,7 +25,7 @@ def run(converted, tmp_path, settings):
 
 def test_every_linear_of_the_checkpoint_gets_its_statistics(converted, tmp_path):
     metrics, out = run(converted, tmp_path, SETTINGS)
-    stats = calibration.load(out / calibrate.STATISTICS_FILE)
+    stats = calibration.load(out / calibration.FILE)
     params = tiny_params()
     names = {f"layers.{i}.{kind}.{w}" for i in range(params["n_layers"])
              for kind, ws in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))

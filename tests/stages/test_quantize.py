@@ -138,6 +138,8 @@ def test_hqq_scales_fit_closer_than_minmax(rewritten):
     ({"embedding": "3,32"}, ["quantize.embedding='3,32'"]),
     ({"embedding": "4,x"}, ["quantize.embedding='4,x'"]),
     ({"embedding": "4,48"}, ["quantize.embedding", "48", "width 64"]),
+    ({"fit": "awq"}, ["quantize.fit='awq'", "data-free, fisher, gptq"]),
+    ({"candidates": ["c8w", "b4w"]}, ["quantize.candidates='b4w'", "c4w, c8w, lut4, lut6"]),
 ])
 def test_bad_settings_are_one_line_naming_the_key(rewritten, tmp_path, params, expected):
     with pytest.raises(UserError) as err:
@@ -195,9 +197,8 @@ def test_a_budget_mixes_kinds_to_fit_and_says_what_each_linear_got(rewritten, ca
 
 def test_gptq_codes_export_and_follow_the_layers_outputs_closer(rewritten, calibrated_entry, tmp_path):
     from ane_build.quant import calibration
-    from ane_build.stages.calibrate import STATISTICS_FILE
 
-    stats = calibration.load(calibrated_entry / STATISTICS_FILE)
+    stats = calibration.load(calibrated_entry / calibration.FILE)
     xtx = stats["layers.0.feed_forward.w2"]["xtx"].double()
     weight = io.load_model(rewritten).layers[0].feed_forward.w2.weight.double()
     error = {}
