@@ -103,6 +103,9 @@ SCHEMA = {
         "minimum_deployment_target": Field(str, "iOS18", choices=DEPLOYMENT_TARGETS),
         "compute_unit": Field(str, "CPU_AND_NE", choices=COMPUTE_UNITS),
         "require_full_delegation": Field(bool, True, help="fail if any op stays on the CPU"),
+        "max_payload_mb": Field(float, 1000, minimum=0.01,
+                                help="at most this many MB of weights in one Core ML model (an iPhone's Neural Engine "
+                                     "takes none over 1 GB): a bigger program is cut between layers into several"),
         "ane_lint": Field(str, "error", choices=("error", "warn", "off"),
                           help="lint model.pte for the Neural Engine (lint.json, lint.md): a finding outside "
                                "the allowlist fails the stage (error) or is logged (warn); off: no lint"),

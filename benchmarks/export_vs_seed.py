@@ -33,10 +33,16 @@ SEED_COMMAND = [sys.executable, "-m", "executorch.examples.apple.coreml.llama.ex
 
 
 class TreeRss:
-    """Peak of the RSS summed over a process and all its descendants, sampled from /proc."""
+    """Peak of the RSS summed over a process and all its descendants, sampled from /proc.
 
-    def __init__(self, pid, interval=0.05):
-        self.pid, self.interval, self.peak_kb = pid, interval, 0
+    ``pss=True``: the proportional set size instead (``smaps_rollup``), which counts a page shared by
+    forked processes once in all, not once in each: RSS counts a child forked from a 12 GB process (a
+    copy-on-write worker, a tool started by fork and exec) as another 12 GB it never takes. Slower
+    to read (it walks the page tables), so sampled less often."""
+
+    def __init__(self, pid, interval=None, pss=False):
+        self.pid, self.peak_kb = pid, 0
+        self.interval, self.read = interval or (0.25 if pss else 0.05), _pss_kb if pss else _rss_kb
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -48,7 +54,7 @@ class TreeRss:
 
     def _run(self):
         while not self._done.is_set():
-            self.peak_kb = max(self.peak_kb, sum(_rss_kb(p) for p in _tree(self.pid)))
+            self.peak_kb = max(self.peak_kb, sum(self.read(p) for p in _tree(self.pid)))
             self._done.wait(self.interval)
 
 
@@ -70,6 +76,17 @@ def _tree(pid):
     return out
 
 
+def _pss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _rss_kb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -81,13 +98,13 @@ def _rss_kb(pid):
     return 0
 
 
-def timed(cmd, log, env=None, cwd=ROOT):
-    """(wall seconds, peak RSS of the process in MB (wait4), peak RSS of its process tree in MB).
-    ``env``: variables to set for the command, on top of this process's."""
+def timed(cmd, log, env=None, cwd=ROOT, pss=False):
+    """(wall seconds, peak RSS of the process in MB (wait4), peak RSS of its process tree in MB, or its
+    PSS with ``pss``: see TreeRss). ``env``: variables to set for the command, on top of this process's."""
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})})
-        tree = TreeRss(proc.pid)
+        tree = TreeRss(proc.pid, pss=pss)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     tree_peak = tree.stop()

@@ -109,6 +109,16 @@ def channels_65536():
     return _relu((1, 65536, 1, 32))
 
 
+def logits_70016():
+    """Upstream's calling convention at a vocabulary past 65536 (Llama 3's 128256): a function taking the
+    mask (``attn_mask``) whose logits are one row of the vocabulary's width, joined by a final reshape."""
+    _, mb, _ = _mil()
+
+    def body(attn_mask, x):
+        return mb.reshape(x=mb.add(x=x, y=mb.reduce_sum(x=attn_mask)), shape=[1, 70016])
+    return _program([(1, 64), (1, 547, 128)], body)
+
+
 def wide_16385():
     return _relu((1, 16385))
 
@@ -268,6 +278,6 @@ def palette_4bit():
 
 PROGRAMS = {build.__name__: build for build in (
     rank5, rank4, fp32_softmax, fp16_softmax, int_positions, const_ints, open_dim, static_dim, runtime_slice, const_slice, wide_70000,
-    channels_65536, wide_16385, wide_16384, channels_20000, row_gather, const_gather, embedding, scatter,
+    logits_70016,    channels_65536, wide_16385, wide_16384, channels_20000, row_gather, const_gather, embedding, scatter,
     slice_update, topk, reduce_max, lstm, linear, cumsum, reduce_sum, state, cache_io, sdpa, attention, row_48,
     row_32_fp32, per_block_scales, per_channel_scales, palette_3bit, palette_4bit)}

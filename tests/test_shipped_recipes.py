@@ -26,12 +26,14 @@ def test_default_model_devices_share_fetch_and_convert():
 
 
 def test_llama32_1b_recipe_builds_a_meta_checkpoint_stand_in(tmp_path):
-    """The shipped Llama 3.2 1B recipe, unchanged but for its source: a tiny Meta folder of the same format."""
+    """The shipped Llama 3.2 1B recipe, unchanged but for its source: a tiny Meta folder of the same format,
+    and its lint a warning (the tiny shapes' rows are not whole 64-byte lines; the 1B's are)."""
     params = tiny_params(vocab_size=520, **LLAMA3_ROPE)  # tiktoken: 262 ranks + Llama 3's 256 specials
     write_meta(params, tiny_weights(params), tmp_path / "Llama-tiny", tokenizer="tiktoken")
     (tmp_path / "recipes/mine").mkdir(parents=True)
     (tmp_path / "recipes/mine/phone.yaml").write_text(
-        f"extends: {RECIPES / 'llama3.2-1b/iphone15pro.yaml'}\nsource: {{path: ../../Llama-tiny}}\n")
+        f"extends: {RECIPES / 'llama3.2-1b/iphone15pro.yaml'}\nsource: {{path: ../../Llama-tiny}}\n"
+        "export: {ane_lint: warn}\n")
     proc = doit(tmp_path, "export:mine/phone")
     assert executed(proc)[-1] == "export:mine/phone"
     export_dir = tmp_path / "artifacts/recipes/mine/phone/export"

@@ -155,11 +155,11 @@ INPUT_LOOKUPS = Allowance(
 # What upstream ExecuTorch's calling convention for static LLMs fixes, which our programs speak so
 # that its runners drive them (README, "Calling convention").
 UPSTREAM_CONVENTION = Allowance(
-    "upstream-convention", ("axis-16384", "last-axis"),
+    "upstream-convention", ("axis-65536", "axis-16384", "last-axis"),
     "the tensors upstream ExecuTorch's static-LLM calling convention fixes, so that its runners drive the "
     "program: the logits of forward and prefill as one row of the vocabulary's width (the split LM head's "
     "chunks joined by a reshape at the very end: one copy of a row, where the Neural Engine may hand it to "
-    "the CPU), and the mask over the shared cache and a call's own tokens, whose rows are cache_size + "
+    "the CPU; past 65536, as Llama 3's 128256, no Neural Engine takes that row: the same copy), and the mask over the shared cache and a call's own tokens, whose rows are cache_size + "
     "seq_length wide in at least one method (they cannot be 64-byte multiples for both a 1-token and a "
     "seq_length call: the prefill's 1087 fp16 columns of the default recipe pad 2 bytes in 2176)")
 ALLOWANCES = (INPUT_LOOKUPS, UPSTREAM_CONVENTION)
@@ -182,14 +182,20 @@ class Finding:
                 "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.tensors]}
 
 
-def lint_model(model):
-    """Every Finding in a coreml_program.Model, allowances applied."""
+def lint_program(models):
+    """Every Finding in a program's coreml_program.Models, allowances applied (``lint_model``)."""
+    widths = mask_widths(models)
+    return [finding for model in models for finding in lint_model(model, widths)]
+
+
+def lint_model(model, widths):
+    """Every Finding in one coreml_program.Model, allowances applied; ``widths``: ``mask_widths``."""
     findings = []
     if model.weight_bytes > MAX_WEIGHT_BYTES:
         findings.append(Finding("weights-1gb", model.label, None, "model", model.label, (),
                                 f"{model.weight_bytes / 1e9:.2f} GB of weights"))
     for fn in model.functions:
-        lookups, fixed = input_lookups(fn), convention_tensors(fn)
+        lookups, fixed = input_lookups(fn), convention_tensors(fn, widths)
         for rule_id, check in CHECKS.items():
             for op, detail in check(fn):
                 allowed = None
@@ -202,15 +208,24 @@ def lint_model(model):
     return findings
 
 
-def convention_tensors(fn):
+def mask_widths(models):
+    """{function name: the last axis of its ``attn_mask`` input} over a program's models (its payloads)."""
+    return {fn.name: t.shape[-1] for model in models for fn in model.functions for t in fn.inputs
+            if t.name == "attn_mask" and t.shape}
+
+
+def convention_tensors(fn, widths):
     """The names of the tensors ``UPSTREAM_CONVENTION`` covers in ``fn``: the logits row (its only output
     of rank 2; the caches' rows are rank 4) and the mask input (``model.ane_llama``'s ``attn_mask``:
-    Core ML keeps the exported program's input names, not its order). None in a function that does not
-    take the convention's mask: its rank-2 outputs are nobody's logits."""
-    mask = {t.name for t in fn.inputs if t.name == "attn_mask"}
-    if not mask:
+    Core ML keeps the exported program's input names, not its order). A program cut into several
+    payloads (``programs.payload_split``) takes the mask in its first alone, and hands it on to the
+    others as a rank-2 input of the same width (its rows repeated per query group): the mask still.
+    None in a function of a method that takes no such mask: its rank-2 outputs are nobody's logits."""
+    width = widths.get(fn.name)
+    if width is None:
         return set()
-    return mask | {name for name in fn.outputs if len(fn.tensors[name].shape or ()) == 2}
+    masks = {t.name for t in fn.inputs if t.name == "attn_mask" or (len(t.shape or ()) == 2 and t.shape[-1] == width)}
+    return masks | {name for name in fn.outputs if len(fn.tensors[name].shape or ()) == 2}
 
 
 CHECKS = {}  # rule id -> check(function) yielding (op, detail) for each op breaking it

@@ -31,7 +31,7 @@ def lint(path, device_plan=False):
 
         plan.require_mac()  # before any reading: a Linux host fails at once
     models = coreml_program.read(path)
-    findings = [finding for model in models for finding in ane_rules.lint_model(model)]
+    findings = ane_rules.lint_program(models)
     if device_plan:
         lookups = {(m.label, fn.name): {t.name for op in ane_rules.input_lookups(fn) for t in op.outputs}
                    for m in models for fn in m.functions}

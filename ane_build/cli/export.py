@@ -25,7 +25,7 @@ FLAGS = {
     "ane.target_split_size": "--target_split_size", "ane.max_splits": "--max_splits", "ane.dtype": "--dtype",
     "quantize.linear": "--coreml-quantize", "quantize.embedding": "-E/--embedding-quantize",
     "quantize.group_size": "--group_size", "export.minimum_deployment_target": "--minimum_deployment_target",
-    "export.compute_unit": "--compute_unit",
+    "export.compute_unit": "--compute_unit", "export.max_payload_mb": "--max_payload_mb",
 }
 
 
@@ -52,6 +52,8 @@ def add_arguments(parser):
     parser.add_argument("--group_size", type=int, default=32, help="b4w block size")
     parser.add_argument("--minimum_deployment_target", default="iOS18")
     parser.add_argument("--compute_unit", default="CPU_AND_NE")
+    parser.add_argument("--max_payload_mb", type=float, default=1000,
+                        help="cut the Core ML program between layers into payloads of at most this many MB of weights")
     return parser
 
 
@@ -67,7 +69,8 @@ def recipe_from_flags(args):
                      "embedding": args.embedding_quantize},
         # The seed reports what stays on the CPU but does not fail on it; likewise the Neural Engine lint.
         "export": {"minimum_deployment_target": args.minimum_deployment_target,
-                   "compute_unit": args.compute_unit, "require_full_delegation": False, "ane_lint": "warn"},
+                   "compute_unit": args.compute_unit, "max_payload_mb": args.max_payload_mb,
+                   "require_full_delegation": False, "ane_lint": "warn"},
     }
     try:
         return recipe.validate(data, "")
@@ -136,7 +139,8 @@ def _publish(export_entry, output):
     for src, dest in ((export_entry / "model.pte", output),
                       (export_entry / "twin.pte", output.with_name(output.stem + ".twin.pte")),
                       (export_entry / "delegation.txt", output.with_name(output.stem + ".delegation.txt")),
-                      (export_entry / "lint.md", output.with_name(output.stem + ".lint.md"))):
+                      (export_entry / "lint.md", output.with_name(output.stem + ".lint.md")),
+                      (export_entry / "lint.json", output.with_name(output.stem + ".lint.json"))):
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)

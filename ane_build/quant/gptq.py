@@ -87,9 +87,10 @@ def quantize_to_tables(weight, xtx, tables, group_size, damp=0.01, block=128, ac
                          f"{weight.shape[0]} rows; expected them to tile the rows, at most 256 entries each")
     with _one_thread():
         order, upper = _factor(xtx, damp, act_order)
-        rounder = _table_rounder(tables.repeat_interleave(group_size, dim=0))
-        codes = _sweep_columns(weight, order, upper, rounder, block)
-    return codes.to(torch.uint8)
+        entries, entry_order = tables.repeat_interleave(group_size, dim=0).sort(dim=1)
+        ranks = _sweep_columns(weight, order, upper, _table_rounder(entries), block)
+    # Ranks to table indices once at the end rather than a look-up a column.
+    return entry_order.gather(1, ranks.long()).to(torch.uint8)
 
 
 def round_to_nearest(weight, scale, zero_point, bits):
@@ -245,17 +246,15 @@ def _grid_rounder(scale, zero_point, bits):
     return rounder
 
 
-def _table_rounder(row_tables):
-    """values [out] -> (index of the nearest entry of each row's table, the entry); a value halfway
-    between two entries takes the lower one."""
-    entries, order = row_tables.sort(dim=1)
+def _table_rounder(entries):
+    """values [out] -> (the rank of the nearest of each row's sorted ``entries``, the entry); a value
+    halfway between two entries takes the lower one."""
     # A binary search among the midpoints between neighbouring entries, not K comparisons a weight.
     midpoints = ((entries[:, 1:] + entries[:, :-1]) / 2).contiguous()
-    order = order.float()
 
     def rounder(values):
         rank = torch.searchsorted(midpoints, values[:, None])
-        return order.gather(1, rank).squeeze(1), entries.gather(1, rank).squeeze(1)
+        return rank.squeeze(1), entries.gather(1, rank).squeeze(1)
 
     return rounder
 

@@ -1,12 +1,12 @@
 """The calibrated fits of a model's linears, and the mixed-precision choice among them.
 
-``fit_all`` fits (linear, kind) pairs with ``calibrated.fit``, half of them in a forked copy of the
-process; ``allocation`` picks each free linear's kind within the recipe's ``budget_mb``
+``fit_all`` fits (linear, kind) pairs with ``calibrated.fit``, in this process and a forked copy of
+it at once; ``allocation`` picks each free linear's kind within the recipe's ``budget_mb``
 (``allocate``) and writes down why (``allocation.json``).
 """
 
 import contextlib
-import itertools
+import multiprocessing
 
 import torch
 
@@ -16,27 +16,39 @@ from ane_build.util.errors import UserError
 
 
 def fit_all(jobs, modules, settings, stats):
-    """The ``calibrated.Fitted`` of each (linear name, kind) of ``jobs``, in order: every other one in a
-    forked copy of this process meanwhile, each side on one thread (a fit is a few small matrix products
-    and sorts at a time, which two threads share badly)."""
+    """The ``calibrated.Fitted`` of each (linear name, kind) of ``jobs``, in order: a forked copy of this
+    process fits them meanwhile, each side taking the next job not yet taken, on one thread (a fit is a
+    few small matrix products and sorts at a time, which two threads share badly). Taken as they come,
+    not every other one: a budget's jobs alternate kinds, and the side given every palette (a fit
+    costing twice a grid's) had twice the work."""
+    taken = multiprocessing.get_context("fork").Value("i", 0)  # how many jobs either side has taken
     run_beside = worker.beside_or_later(start="fork")
-    with run_beside(_fit_some, jobs[0::2], modules, settings, stats, True) as evens, threads(1):
-        odds = _fit_some(jobs[1::2], modules, settings, stats)
-        evens = [calibrated.Fitted.from_numpy(f) for f in evens()]
-    return [f for pair in itertools.zip_longest(evens, odds) for f in pair if f is not None]
+    with run_beside(_fit_some, jobs, modules, settings, stats, taken, True) as beside, threads(1):
+        done = _fit_some(jobs, modules, settings, stats, taken)
+        done.update((i, calibrated.Fitted.from_numpy(f)) for i, f in beside().items())
+    return [done[i] for i in range(len(jobs))]
 
 
-def _fit_some(jobs, modules, settings, stats, as_numpy=False):
-    """The fits of ``jobs``; ``as_numpy``: their codes as numpy arrays, which cross processes as bytes
-    (torch's tensors would go as shared memory, gone with the process that made them)."""
-    done = []
-    for name, kind in jobs:
+def _fit_some(jobs, modules, settings, stats, taken, as_numpy=False):
+    """{index: fit} of the jobs this side takes (``_take``) until none is left; ``as_numpy``: their codes
+    as numpy arrays, which cross processes as bytes (torch's tensors would go as shared memory, gone
+    with the process that made them)."""
+    done = {}
+    while (i := _take(taken)) < len(jobs):
+        name, kind = jobs[i]
         linear = modules[name]
         fisher, xtx = calibrated.rows_of(stats, name, linear.out_features)
         fitted = calibrated.fit(linear.weight, fisher, xtx, kind, settings["fit"], settings["palette_group"],
                                 settings["mapping"] == "symmetric")
-        done.append(fitted.to_numpy() if as_numpy else fitted)
+        done[i] = fitted.to_numpy() if as_numpy else fitted
     return done
+
+
+def _take(taken):
+    """The index of the next job, counted in ``taken`` (shared by both sides)."""
+    with taken.get_lock():
+        taken.value += 1
+        return taken.value - 1
 
 
 @contextlib.contextmanager

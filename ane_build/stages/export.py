@@ -11,7 +11,10 @@
   fails the stage, with ``warn`` it is logged.
 - ``twin.pte``: the same saved programs lowered for the CPU (linears on XNNPACK), for
   hosts without Core ML (ExecuTorch's Linux runtime), in a second process meanwhile (after
-  Core ML, in this process, with ``ANE_BUILD_JOBS=1``).
+  Core ML, in this process, with ``ANE_BUILD_JOBS=1``, or where both would not fit the memory
+  available: ``both_lowerings_bytes``).
+- Core ML payloads of at most ``max_payload_mb`` of weights each: a bigger program is cut between
+  layers (``programs.payload_split``); ``payload_mb`` in the metrics lists them.
   torchao's ``dequantize_affine`` has no ExecuTorch CPU kernel, so the dequantization of
   the constant weights is folded into constants first.
 - ``params.json`` (what upstream's runners read) and the tokenizer, beside the programs.
@@ -32,7 +35,7 @@ from pathlib import Path
 from ane_build.analysis import cost, lint
 from ane_build.cache.filehash import sha256_file
 from ane_build.model import io
-from ane_build.programs import reproducible_coreml, saved_programs
+from ane_build.programs import coreml_program, payload_split, reproducible_coreml, saved_programs
 from ane_build.programs.lowering import lean_lowering
 from ane_build.schema import COMPUTE_UNITS, DEPLOYMENT_TARGETS, SCHEMA
 from ane_build.stages import quantize
@@ -52,6 +55,7 @@ def resolve(params, spec):
         "minimum_deployment_target": params.get("minimum_deployment_target", "iOS18"),
         "compute_unit": params.get("compute_unit", "CPU_AND_NE"),
         "require_full_delegation": params.get("require_full_delegation", True),
+        "max_payload_mb": params.get("max_payload_mb", SCHEMA["export"]["max_payload_mb"].default),
         # Recipes default to error (the schema); a call without the setting (a test, a library
         # user) reports the lint without refusing the program.
         "ane_lint": params.get("ane_lint", "warn"),
@@ -85,6 +89,13 @@ def _ios18_reasons(spec):
     return reasons
 
 
+def both_lowerings_bytes(spec):
+    """The process tree's peak with the twin lowering beside Core ML: ~1 GB and 12x the quantized weights
+    (measured 2.4 GB for SmolLM2-135M's 124 MB, 17.4 GB for the Llama-3.2-1B shape's 1.5 GB:
+    benchmarks/README.md). Where less is available the twin lowers after Core ML (9-13 GB for the 1B)."""
+    return 1e9 + 12 * spec["quantize"]["ideal_bytes"]
+
+
 def load_programs(entry, spec):
     """{method: ExportedProgram} of a quantize entry, forward first (the multifunction default)."""
     files = {method: Path(entry) / spec["programs"][method]["file"] for method in io.methods(spec["ane"])}
@@ -107,8 +118,9 @@ def lower_coreml(programs, settings, dtype, metadata, seed):
     )
     # The caller owns the KV caches (they are inputs and outputs), so there is no mutable
     # buffer for Core ML to take over, as in the seed.
-    partitioner = CoreMLPartitioner(compile_specs=compile_specs, take_over_mutable_buffer=False,
-                                    skip_ops_for_coreml_delegation=[])
+    partitioner = payload_split.limited(CoreMLPartitioner)(
+        compile_specs=compile_specs, take_over_mutable_buffer=False, skip_ops_for_coreml_delegation=[],
+        max_payload_bytes=int(settings["max_payload_mb"] * 1e6))
     with lean_lowering(), reproducible_coreml.deterministic_payloads(seed):
         return to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata,
                                            compile_config=_edge_config())
@@ -284,7 +296,7 @@ def run(inputs, params, out_dir):
     # The twin lowers in a second process meanwhile: the two lowerings share nothing but their
     # input files, and each is single-threaded Python (ExecuTorch's and coremltools' passes),
     # so on two cores the stage takes the longer of the two instead of their sum.
-    run_twin = worker.beside_or_later()
+    run_twin = worker.beside_or_later(needs_bytes=both_lowerings_bytes(spec))
     with run_twin(write_twin, quant_dir, out_dir / TWIN_FILE) as twin_result:
         started = time.time()
         log.info("lowering %s to Core ML (%s, %s, %s); the CPU twin %s", ", ".join(spec["programs"]),
@@ -299,6 +311,7 @@ def run(inputs, params, out_dir):
                             f"{_ops_text(report['cpu_ops'])} stay on the CPU instead of Core ML; "
                             "set it to false to build anyway (delegation.txt then lists them)")
         pte_bytes = write_pte(coreml, out_dir / MODEL_FILE)
+        payloads = payload_sizes(out_dir / MODEL_FILE, settings["max_payload_mb"])
         coreml_seconds = time.time() - started
         del coreml
         release_memory()
@@ -317,11 +330,23 @@ def run(inputs, params, out_dir):
         "twin_bytes": twin_bytes,
         "delegated_share": report["delegated_share"],
         "coreml_partitions": report["coreml_partitions"],
+        "payload_mb": [round(size / 1e6, 3) for size in payloads],
         "cpu_ops": sum(report["cpu_ops"].values()),
         **lint_metrics,
         "coreml_seconds": round(coreml_seconds, 2),
         "twin_seconds": round(twin_seconds, 2),
     }
+
+
+def payload_sizes(path, max_mb):
+    """[bytes of each Core ML payload in ``path``]; UserError if one is over ``max_mb``, which the cut
+    between layers keeps their weights under (a payload also holds its program, a few hundred kB)."""
+    sizes = [len(payload) for _, payload in coreml_program.coreml_payloads(path)]
+    for number, size in enumerate(sizes, 1):
+        if size > max_mb * 1e6:
+            raise UserError("export.max_payload_mb", f"{max_mb:g}: Core ML payload {number} of {MODEL_FILE} "
+                                                     f"takes {size / 1e6:.1f} MB")
+    return sizes
 
 
 def check_lint(out_dir, mode):

@@ -7,6 +7,7 @@ starts on top of what the last one no longer uses.
 import contextlib
 import ctypes
 import gc
+import os
 import sys
 
 
@@ -25,3 +26,15 @@ def release_memory():
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed small blocks otherwise
+
+
+def available_bytes():
+    """Memory the system can give now without swapping (Linux's MemAvailable), else its physical total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

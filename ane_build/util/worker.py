@@ -12,6 +12,7 @@ forever.
 import contextlib
 import ctypes
 import functools
+import logging
 import multiprocessing
 import os
 import pickle
@@ -19,28 +20,37 @@ import signal
 import traceback
 
 from ane_build.util import logs
+from ane_build.util.memory import available_bytes
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 JOBS_VARIABLE = "ANE_BUILD_JOBS"
+log = logging.getLogger(__name__)
 
 
-def jobs():
+def jobs(needs_bytes=0):
     """How many processes a stage may run at once, from ``ANE_BUILD_JOBS`` (a machine's choice,
-    not a recipe's: the files written are the same). 2, the default: a second process beside
-    the first, least time. 1: one after the other in this process, least memory (SmolLM2-135M's
-    export peaks at 1.35 GB that way instead of 2.2-2.4 GB for both processes)."""
+    not a recipe's: the files written are the same). 2: a second process beside the first, least
+    time. 1: one after the other in this process, least memory (SmolLM2-135M's export peaks at
+    1.35 GB that way instead of 2.2-2.4 GB for both processes). Unset: 2, unless both processes
+    would need more than the memory available now (``needs_bytes``, the caller's estimate)."""
     from ane_build.util.errors import UserError
 
-    value = os.environ.get(JOBS_VARIABLE, "2")
+    value = os.environ.get(JOBS_VARIABLE)
+    if value is None:
+        if needs_bytes > available_bytes():
+            log.info("one process at a time: both would need ~%.1f GB, %.1f GB available (%s=2 runs both anyway)",
+                     needs_bytes / 1e9, available_bytes() / 1e9, JOBS_VARIABLE)
+            return 1
+        return 2
     if value not in ("1", "2"):
         raise UserError(JOBS_VARIABLE, f"expected 1 (one process: least memory) or 2 (a second process "
                                        f"beside the first: least time), got {value!r}")
     return int(value)
 
 
-def beside_or_later(start="spawn"):
-    """``beside`` (its processes started by ``start``) or ``later``, as ``jobs()`` says."""
-    return functools.partial(beside, start=start) if jobs() == 2 else later
+def beside_or_later(start="spawn", needs_bytes=0):
+    """``beside`` (its processes started by ``start``) or ``later``, as ``jobs(needs_bytes)`` says."""
+    return functools.partial(beside, start=start) if jobs(needs_bytes) == 2 else later
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ def findings(tmp_path_factory):
 
 
 def lint_package(path):
-    return [f for model in coreml_program.read(path) for f in ane_rules.lint_model(model)]
+    return ane_rules.lint_program(coreml_program.read(path))
 
 
 @pytest.mark.parametrize("rule", CASES)
@@ -87,6 +87,14 @@ def test_an_embedding_lookup_and_its_index_arithmetic_are_allowlisted(findings):
 def test_a_gather_from_an_activation_is_not_allowlisted(findings):
     found = findings("row_gather")
     assert {f.rule for f in found} == {"gather", "int-arithmetic"} and not any(f.allowed for f in found)
+
+
+def test_the_logits_row_of_the_calling_convention_is_allowed_past_65536(findings):
+    found = findings("logits_70016")
+    assert {f.rule for f in found} == {"axis-65536"}
+    assert all(f.allowed == "upstream-convention" for f in found)
+    # The same row where no function takes the convention's mask is anybody's tensor: flagged.
+    assert not any(f.allowed for f in findings("wide_70000"))
 
 
 def test_weights_over_1gb_in_one_model(findings, tmp_path):

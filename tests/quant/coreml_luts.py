@@ -20,7 +20,7 @@ def lowered_luts(model, columns, monkeypatch):
 
     monkeypatch.setattr(CoreMLBackend, "_convert_to_mlmodel", staticmethod(spy))
     program = torch.export.export(model, (torch.randn(2, columns, dtype=torch.float16),), strict=False)
-    settings = {"minimum_deployment_target": "iOS18", "compute_unit": "CPU_AND_NE"}
+    settings = {"minimum_deployment_target": "iOS18", "compute_unit": "CPU_AND_NE", "max_payload_mb": 1000}
     report = export.delegation_report(export.lower_coreml({"forward": program}, settings, "fp16", {}, seed="test"))
     ops = converted[0]._mil_program.functions["main"].operations
     return report, [op for op in ops if op.op_type == "constexpr_lut_to_dense"]

@@ -9,6 +9,7 @@ import pytest
 
 from ane_build.util import worker
 from ane_build.util.errors import UserError
+from ane_build.util.memory import available_bytes
 
 
 def add(a, b):
@@ -113,6 +114,17 @@ def test_jobs_come_from_the_environment(monkeypatch, value, expected):
         assert chosen.func is worker.beside and chosen.keywords == {"start": "fork"}
     else:
         assert chosen is worker.later
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 1), ("2", 2), ("1", 1)])
+def test_unset_jobs_run_one_process_at_a_time_where_both_would_not_fit(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(worker.JOBS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(worker.JOBS_VARIABLE, value)
+    more_than_there_is = 2 * available_bytes() + 10**9
+    assert worker.jobs(needs_bytes=more_than_there_is) == expected
+    assert (worker.beside_or_later(needs_bytes=more_than_there_is) is worker.later) == (expected == 1)
 
 
 @pytest.mark.parametrize("value", ["3", "many", ""])
