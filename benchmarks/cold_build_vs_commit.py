@@ -19,23 +19,34 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cold_build_vs_seed import STAGES
 from export_vs_seed import RECIPE, ROOT, timed
+
+from ane_build import pipeline
+
+# Every stage this checkout's pipeline has, in order (one a commit lacks shows 0.0).
+PIPELINE = [stage.name for stage in pipeline.STAGES]
 
 
 def build(checkout, artifacts, log):
-    """(wall seconds, {stage: seconds}) of a cold default build of ``checkout`` into ``artifacts``."""
+    """(wall seconds, {stage: seconds}) of a cold default build of ``checkout`` into ``artifacts``
+    (every stage the build ran: the calibrate stage too where the commit has one)."""
+    if artifacts.exists():
+        sys.exit(f"{artifacts}: already there, so the build would not be cold; give a new --out")
     wall, _, _ = timed([sys.executable, "-m", "doit"], log, env={"ANE_BUILD_ARTIFACTS": str(artifacts)},
                        cwd=checkout)
     views = artifacts / "recipes" / RECIPE
-    return wall, {s: json.loads((views / s / "manifest.json").read_text())["seconds"] for s in STAGES}
+    return wall, {s.name: json.loads((s / "manifest.json").read_text())["seconds"] for s in views.iterdir()}
 
 
 def worktree(path, commit):
-    """A detached git worktree of ``commit`` at ``path`` (kept if there already)."""
+    """A detached git worktree of ``commit`` at ``path`` (kept if there already, at that commit)."""
+    rev = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, check=True, capture_output=True, text=True)
     if not path.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, check=True,
                        capture_output=True)
+    there = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, check=True, capture_output=True, text=True)
+    if there.stdout != rev.stdout:
+        sys.exit(f"{path}: a worktree of {there.stdout.strip()[:12]}, not {commit}; give a new --out")
     return path
 
 
@@ -55,11 +66,12 @@ def main():
         print(f"run {i + 1}: base {runs['base'][-1][0]:.1f} s, head {runs['head'][-1][0]:.1f} s", file=sys.stderr)
     walls = {side: statistics.median(w for w, _ in r) for side, r in runs.items()}
     median = f", median of {args.repeat}" if args.repeat > 1 else ""
-    print(f"| | wall (s{median}) | " + " | ".join(STAGES) + " |")
-    print("|---|---|" + "---|" * len(STAGES))
+    stages = [s for s in PIPELINE if any(s in seconds for r in runs.values() for _, seconds in r)]
+    print(f"| | wall (s{median}) | " + " | ".join(stages) + " |")
+    print("|---|---|" + "---|" * len(stages))
     for side, name in (("base", args.base), ("head", args.head)):
-        stages = [statistics.median(s[stage] for _, s in runs[side]) for stage in STAGES]
-        print(f"| {name} | {walls[side]:.1f} | " + " | ".join(f"{t:.1f}" for t in stages) + " |")
+        times = [statistics.median(s.get(stage, 0.0) for _, s in runs[side]) for stage in stages]
+        print(f"| {name} | {walls[side]:.1f} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
     print(f"\nratio ({args.head} / {args.base}): {walls['head'] / walls['base']:.2f}x")
     print("Runs, in order (base, head): " + "; ".join(f"{a[0]:.1f}, {b[0]:.1f}"
                                                      for a, b in zip(runs["base"], runs["head"])))

@@ -33,8 +33,7 @@ from ane_build.stages import quantize
 
 RECIPE = ROOT / "recipes" / "smollm2-135m" / "iphone15pro.yaml"
 REWRITE = ROOT / "artifacts" / "recipes" / "smollm2-135m" / "iphone15pro" / "rewrite"
-CALIBRATE = ROOT / "artifacts" / "store" / "calibrate" / \
-    "b2ebd14cb5e7578d440a635760a13e85772c46808f203fd13629497e284353f6"
+CALIBRATE = REWRITE.parent / "calibrate"
 LAYER_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 HEAD_CHUNK = "output.chunks.3"

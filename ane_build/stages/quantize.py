@@ -210,6 +210,10 @@ def fit_linears(model, settings, stats, dtype):
     allocator picks; the rest (all of them without a budget) at their own kind where it is fittable.
     Records the allocation in ``settings["allocated"]``."""
     if stats is None:
+        if recipe.needs_calibration({"quantize": settings}):
+            key = "fit" if settings["fit"] != "data-free" else "budget_mb"
+            raise UserError(f"quantize.{key}", f"{settings[key]} reads the calibrate stage's statistics, and "
+                                               "this run has none (the pipeline plans calibrate for it)")
         return {}, None
     linears = _linears(model, settings)
     free = [] if settings["budget_mb"] is None else [name for name in linears if _override(settings, name) is None]

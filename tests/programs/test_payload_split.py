@@ -51,6 +51,23 @@ def test_the_cut_program_computes_what_the_whole_one_does(programs, method, seq_
     assert len(whole) == len(cut) and all(np.array_equal(a, b) for a, b in zip(whole, cut))
 
 
+def interface(path):
+    """{method: (its inputs' TensorInfo, its outputs')} of a .pte, as ExecuTorch's runtime reads them (any
+    runner sees the program through this; Linux can read it, not run Core ML)."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(path)
+    metas = {name: program.metadata(name) for name in program.method_names}
+    return {name: ([str(m.input_tensor_meta(i)) for i in range(m.num_inputs())],
+                   [str(m.output_tensor_meta(i)) for i in range(m.num_outputs())]) for name, m in metas.items()}
+
+
+def test_a_runner_sees_the_cut_program_as_the_whole_one(programs):
+    entries, _ = programs
+    whole, cut = (interface(entries[name] / export.MODEL_FILE) for name in ("whole", "cut"))
+    assert {"forward", "prefill", "n_layers", "cache_size"} <= set(whole) and cut == whole
+
+
 def test_weights_over_the_limit_between_two_layers_are_one_line_naming_the_setting(programs, tmp_path):
     entries, _ = programs
     with pytest.raises(UserError) as e:

@@ -140,6 +140,9 @@ def test_hqq_scales_fit_closer_than_minmax(rewritten):
     ({"embedding": "4,48"}, ["quantize.embedding", "48", "width 64"]),
     ({"fit": "awq"}, ["quantize.fit='awq'", "data-free, fisher, gptq"]),
     ({"candidates": ["c8w", "b4w"]}, ["quantize.candidates='b4w'", "c4w, c8w, lut4, lut6"]),
+    # Without the calibrate entry the pipeline plans for them (a run by hand, a library caller).
+    ({"linear": "c8w", "fit": "gptq"}, ["quantize.fit: gptq reads the calibrate stage's statistics"]),
+    ({"budget_mb": 1}, ["quantize.budget_mb: 1 reads the calibrate stage's statistics"]),
 ])
 def test_bad_settings_are_one_line_naming_the_key(rewritten, tmp_path, params, expected):
     with pytest.raises(UserError) as err:
