@@ -9,8 +9,8 @@ the very stages a build runs (rewrite, quantize, export) run here on the random 
 real one's license keeps it out of this repo). Prints, per lowering mode (ANE_BUILD_JOBS=2: the
 twin lowered in a second process beside Core ML; 1: after it, in the same process): wall time,
 peak RSS of the command's largest process (wait4) and the peak of its whole process tree's
-proportional set size (sampled from /proc: pages forked processes share counted once), which
-must fit a 16 GB CI runner; each Core ML payload's size (the program is cut between
+anonymous memory (proportional set size, sampled from /proc: pages forked processes share
+counted once, mapped files left out: TreeRss), which must fit a 16 GB CI runner; each Core ML payload's size (the program is cut between
 layers under export.max_payload_mb); the Neural Engine lint; and a greedy decode of 16 tokens
 through the CPU twin (the `forward` one-token method after a `prefill` call).
 """
@@ -114,7 +114,7 @@ def main():
     write_checkpoint(args.out)
     cmd = [sys.executable, "-m", "ane_build.cli.export", "-p", str(args.out / "params.json"),
            "-c", str(args.out / "model.safetensors"), "-n", str(args.out / "llama1b.pte"), *flags]
-    print("| lowering | wall (s) | peak RSS, largest process (GB) | peak PSS, process tree (GB) | Core ML .pte (GB) "
+    print("| lowering | wall (s) | peak RSS, largest process (GB) | peak anonymous PSS, process tree (GB) | Core ML .pte (GB) "
           "| payloads (MB; weights MB) | lint findings (allowlisted) | twin .pte (GB) |")
     print("|---|---|---|---|---|---|---|---|")
     for jobs in args.jobs:

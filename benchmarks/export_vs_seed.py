@@ -35,10 +35,12 @@ SEED_COMMAND = [sys.executable, "-m", "executorch.examples.apple.coreml.llama.ex
 class TreeRss:
     """Peak of the RSS summed over a process and all its descendants, sampled from /proc.
 
-    ``pss=True``: the proportional set size instead (``smaps_rollup``), which counts a page shared by
-    forked processes once in all, not once in each: RSS counts a child forked from a 12 GB process (a
-    copy-on-write worker, a tool started by fork and exec) as another 12 GB it never takes. Slower
-    to read (it walks the page tables), so sampled less often."""
+    ``pss=True``: the proportional set size of anonymous and shared memory instead (``smaps_rollup``:
+    Pss_Anon + Pss_Shmem), which counts a page shared by forked processes once in all, not once in
+    each (RSS counts a child forked from a 12 GB process, a copy-on-write worker or a tool started
+    by fork and exec, as another 12 GB it never takes), and leaves out mapped files' pages (the
+    checkpoint, the programs written), which the kernel takes back under pressure: the memory a
+    runner's limit must hold. Slower to read (it walks the page tables), so sampled less often."""
 
     def __init__(self, pid, interval=None, pss=False):
         self.pid, self.peak_kb = pid, 0
@@ -79,12 +81,9 @@ def _tree(pid):
 def _pss_kb(pid):
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
+            return sum(int(line.split()[1]) for line in f if line.startswith(("Pss_Anon:", "Pss_Shmem:")))
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def _rss_kb(pid):
