@@ -102,12 +102,17 @@ def test_user_errors_survive_pickling():
     assert isinstance(error, UserError) and str(error) == "a.yaml: b"
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, 2), ("2", 2), ("1", 1)])
-def test_jobs_come_from_the_environment(monkeypatch, value, expected):
+def set_jobs(monkeypatch, value):
+    """``ANE_BUILD_JOBS`` set to ``value``, or unset (None)."""
     if value is None:
         monkeypatch.delenv(worker.JOBS_VARIABLE, raising=False)
     else:
         monkeypatch.setenv(worker.JOBS_VARIABLE, value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 2), ("2", 2), ("1", 1)])
+def test_jobs_come_from_the_environment(monkeypatch, value, expected):
+    set_jobs(monkeypatch, value)
     assert worker.jobs() == expected
     chosen = worker.beside_or_later(start="fork")
     if expected == 2:
@@ -118,10 +123,7 @@ def test_jobs_come_from_the_environment(monkeypatch, value, expected):
 
 @pytest.mark.parametrize(("value", "expected"), [(None, 1), ("2", 2), ("1", 1)])
 def test_unset_jobs_run_one_process_at_a_time_where_both_would_not_fit(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv(worker.JOBS_VARIABLE, raising=False)
-    else:
-        monkeypatch.setenv(worker.JOBS_VARIABLE, value)
+    set_jobs(monkeypatch, value)
     more_than_there_is = 2 * available_bytes() + 10**9
     assert worker.jobs(needs_bytes=more_than_there_is) == expected
     assert (worker.beside_or_later(needs_bytes=more_than_there_is) is worker.later) == (expected == 1)
