@@ -59,6 +59,7 @@ def test_seed_flags_write_a_delegated_pte_and_its_twin(seed_files, tmp_path):
     (["--seq_length", "64", "--max_seq_length", "64"], "--cache_size: expected 1 <= cache_size < max_seq_length (64); got 0"),
     (["--max_seq_length", "32", "--cache_size", "32"], "--cache_size: expected 1 <= cache_size < max_seq_length (32); got 32"),
     (["--compute_unit", "NPU"], "--compute_unit: expected one of CPU_ONLY"),
+    (["--max_payload_mb", "0"], "--max_payload_mb: expected at least 0.01; got 0.0"),
     (["--coreml-quantize", "b4w", "--minimum_deployment_target", "iOS17"], "weights (b4w) need export.minimum_deployment_target iOS18"),
 ])
 def test_bad_flags_are_one_line(seed_files, tmp_path, flags, expected):
