@@ -13,10 +13,10 @@
   hosts without Core ML (ExecuTorch's Linux runtime), in a second process meanwhile (after
   Core ML, in this process, with ``ANE_BUILD_JOBS=1``, or where both would not fit the memory
   available: ``both_lowerings_bytes``).
-- Core ML payloads of at most ``max_payload_mb`` of weights each: a bigger program is cut between
-  layers (``programs.payload_split``); ``payload_mb`` in the metrics lists them.
   torchao's ``dequantize_affine`` has no ExecuTorch CPU kernel, so the dequantization of
   the constant weights is folded into constants first.
+- Core ML payloads of at most ``max_payload_mb`` of weights each: a bigger program is cut between
+  layers (``programs.payload_split``); ``payload_mb`` in the metrics lists them.
 - ``params.json`` (what upstream's runners read) and the tokenizer, beside the programs.
 
 Both carry the runner metadata and the rotary table (``io.constant_methods``) as constant
@@ -91,8 +91,8 @@ def _ios18_reasons(spec):
 
 def both_lowerings_bytes(spec):
     """The process tree's peak with the twin lowering beside Core ML: ~1 GB and 12x the quantized weights
-    (measured 2.4 GB for SmolLM2-135M's 124 MB, 17.4 GB for the Llama-3.2-1B shape's 1.5 GB:
-    benchmarks/README.md). Where less is available the twin lowers after Core ML (9-13 GB for the 1B)."""
+    (measured 2.2-2.4 GB for SmolLM2-135M's 124 MB, 17.2 GB for the Llama-3.2-1B shape's 1.5 GB:
+    benchmarks/README.md). Where less is available the twin lowers after Core ML (12.3 GB for the 1B)."""
     return 1e9 + 12 * spec["quantize"]["ideal_bytes"]
 
 
