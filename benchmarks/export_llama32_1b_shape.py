@@ -86,20 +86,24 @@ def payloads(pte):
 
 
 def twin_decode(twin):
-    """(ids, prefill seconds, decode seconds per token, finite logits) of a greedy decode through ``twin``."""
+    """(ids, prefill seconds, decode seconds per token, whether every step's logits were finite) of a
+    greedy decode through ``twin``."""
     import torch
 
     from ane_build.runtime.generate import Generation
-    from ane_build.runtime.kv_cache import KVCache, feed
     from ane_build.runtime.program import PteProgram
     from ane_build.runtime.sampling import Sampler
 
-    program = PteProgram(twin)
-    generation = Generation(program, PROMPT, Sampler(0.0), n_steps=16)
+    greedy, finite = Sampler(0.0), []
+
+    def checked(logits):
+        finite.append(bool(torch.isfinite(logits).all()))
+        return greedy(logits)
+
+    generation = Generation(PteProgram(twin), PROMPT, checked, n_steps=16)
     ids = list(generation)
-    logits = feed(program, KVCache(program.info, program.methods, program.rope), PROMPT)
     stats = generation.stats
-    return ids, stats.prefill_seconds, stats.decode_seconds / max(stats.decode_calls, 1), bool(torch.isfinite(logits).all())
+    return ids, stats.prefill_seconds, stats.decode_seconds / max(stats.decode_calls, 1), all(finite)
 
 
 def main():

@@ -159,9 +159,10 @@ UPSTREAM_CONVENTION = Allowance(
     "the tensors upstream ExecuTorch's static-LLM calling convention fixes, so that its runners drive the "
     "program: the logits of forward and prefill as one row of the vocabulary's width (the split LM head's "
     "chunks joined by a reshape at the very end: one copy of a row, where the Neural Engine may hand it to "
-    "the CPU; past 65536, as Llama 3's 128256, no Neural Engine takes that row: the same copy), and the mask over the shared cache and a call's own tokens, whose rows are cache_size + "
-    "seq_length wide in at least one method (they cannot be 64-byte multiples for both a 1-token and a "
-    "seq_length call: the prefill's 1087 fp16 columns of the default recipe pad 2 bytes in 2176)")
+    "the CPU; past 65536, as Llama 3's 128256, no Neural Engine takes that row: the same copy), and the mask "
+    "over the shared cache and a call's own tokens, whose rows are cache_size + seq_length wide in at least "
+    "one method (they cannot be 64-byte multiples for both a 1-token and a seq_length call: the prefill's "
+    "1087 fp16 columns of the default recipe pad 2 bytes in 2176)")
 ALLOWANCES = (INPUT_LOOKUPS, UPSTREAM_CONVENTION)
 
 

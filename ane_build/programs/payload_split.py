@@ -14,7 +14,7 @@ positional weight sharing pairs partition i of each method into one multifunctio
 
 A weight read on both sides of a cut (a shared embedding table read by the first layer's input and
 the LM head) is stored in each payload that reads it: ExecuTorch copies a constant for every
-partition that uses it. ``duplicated_bytes`` says how much.
+partition that uses it; the cut logs how much.
 """
 
 import logging
@@ -41,14 +41,6 @@ def limited(partitioner_class):
         def partition(self, exported_program):
             tagged = super().partition(exported_program)
             tags = cut(exported_program, tagged.partition_tags, self.max_payload_bytes)
-            if tags is not tagged.partition_tags:
-                copied = duplicated_bytes(exported_program)
-                log.info("Core ML partition cut into %d payloads of at most %g MB of weights", len(tags),
-                         self.max_payload_bytes / 1e6)
-                if copied:
-                    log.warning("%s: %.1f MB of weights are read on both sides of a cut, so stored in each "
-                                "payload that reads them (ane.share_embedding puts the table in the first "
-                                "payload and the last)", SETTING, copied / 1e6)
             return PartitionResult(tagged_exported_program=exported_program, partition_tags=tags)
 
     return LimitedPartitioner
@@ -70,16 +62,24 @@ def cut(program, tags, max_bytes):
     payload = {}
     for node in nodes:  # in graph order: every input's payload is known, and none is later than its users'
         payload[node] = max([payload_of_unit[unit_of[node]], *(payload[a] for a in node.all_input_nodes if a in payload)])
-    new_tags = {}
+    new_tags = {}  # (payload, tag) -> (new tag, spec)
     for node in nodes:
-        tag = f"{node.meta['delegation_tag']}_payload{payload[node]}"
-        new_tags.setdefault(tag, tags[node.meta["delegation_tag"]])
-        node.meta["delegation_tag"] = tag
-    for constant in sizes:  # with its first user; ExecuTorch copies it for users in other payloads
+        key = (payload[node], node.meta["delegation_tag"])
+        new_tags.setdefault(key, (f"{key[1]}_payload{key[0]}", tags[key[1]]))
+        node.meta["delegation_tag"] = new_tags[key][0]
+    copied = 0
+    for constant, size in sizes.items():  # with its first user; ExecuTorch copies it for users in other payloads
         users = [u for u in constant.users if u in payload]
         if users and constant.meta.get("delegation_tag") in tags:
             constant.meta["delegation_tag"] = min(users, key=payload.get).meta["delegation_tag"]
-    return dict(sorted(new_tags.items(), key=lambda item: int(item[0].rsplit("_payload", 1)[1])))
+            copied += size * (len({payload[u] for u in users}) - 1)
+    log.info("Core ML partition cut into %d payloads of at most %g MB of weights", max(payload_of_unit) + 1,
+             max_bytes / 1e6)
+    if copied:
+        log.warning("%s: %.1f MB of weights are read on both sides of a cut, so stored in each payload that "
+                    "reads them (ane.share_embedding puts the table in the first payload and the last)",
+                    SETTING, copied / 1e6)
+    return dict(new_tags[key] for key in sorted(new_tags, key=lambda key: key[0]))
 
 
 def units(nodes):
@@ -173,12 +173,3 @@ def _pack(reads, sizes, cap):
 def _unit_name(unit, count):
     return "what precedes the first layer" if unit == 0 else "the LM head" if unit == count - 1 else f"layer {unit - 1}"
 
-
-def duplicated_bytes(program):
-    """Bytes of the constants ``cut`` left read by more than one payload (ExecuTorch stores each per payload)."""
-    sizes = stored_sizes(program)
-    extra = 0
-    for constant, size in sizes.items():
-        tags = {u.meta.get("delegation_tag") for u in constant.users} - {None}
-        extra += size * (len(tags) - 1) if tags else 0
-    return extra

@@ -37,9 +37,10 @@ def jobs(needs_bytes=0):
 
     value = os.environ.get(JOBS_VARIABLE)
     if value is None:
-        if needs_bytes > available_bytes():
+        available = available_bytes()
+        if needs_bytes > available:
             log.info("one process at a time: both would need ~%.1f GB, %.1f GB available (%s=2 runs both anyway)",
-                     needs_bytes / 1e9, available_bytes() / 1e9, JOBS_VARIABLE)
+                     needs_bytes / 1e9, available / 1e9, JOBS_VARIABLE)
             return 1
         return 2
     if value not in ("1", "2"):
