@@ -83,6 +83,13 @@ def test_weights_over_the_limit_between_two_layers_are_one_line_naming_the_setti
                             "weights; raise it, or quantize to fewer bits")
 
 
+def test_a_payload_over_the_limit_once_written_is_one_line(programs):
+    entries, _ = programs
+    with pytest.raises(UserError) as e:
+        export.payload_sizes(entries["whole"] / export.MODEL_FILE, 2)
+    assert str(e.value) == "export.max_payload_mb: 2: Core ML payload 1 of model.pte takes 5.3 MB"
+
+
 def test_units_are_cut_into_the_fewest_payloads_as_even_as_they_go():
     sizes = {name: 1 for name in "abcdef"}
     reads = [{c} for c in "abcdef"]
